@@ -1,0 +1,261 @@
+"""Training objectives for Direct Preference Heads (DPH) and the LM head (SPEC §3).
+
+Paper: Hadji-Kyriacou & Arandjelović, "Would I Lie To You? Inference Time Alignment of Language
+Models using Direct Preference Heads", NeurIPS 2024 (arXiv 2405.20053).
+
+Paper <-> code
+    DPH §3, separable objective (smoothed per-completion targets)   separable_dph_loss
+    DPH §3, contrastive objective (smoothed reward difference)      contrastive_dph_loss
+    either of the two, chosen by name (``--dph-loss``)               dph_loss
+    reward penalty (NOT in the paper; added later by the authors)    reward_penalty
+    DPH §3, link to conservative DPO (cDPO) on the LM head           dpo_loss
+    log π(y|x) from logits, for dpo_loss                             token_logps, sequence_logps
+    supervised fine-tuning (token cross-entropy)                     sft_loss
+
+Notation: r_w / r_l are the head's rewards for the chosen ("winning") and rejected ("losing")
+completion, ε is the label smoothing (0 ≤ ε < 0.5), σ the logistic function. Every sigmoid loss
+here is the same smoothed logistic loss
+
+    ℓ_ε(x) = −(1−ε)·log σ(x) − ε·log σ(−x),
+
+the expected log-loss when the label is flipped with probability ε. Its minimum is at
+x* = log((1−ε)/ε), finite for ε > 0 (the gradient changes sign past x*), which is what makes
+label smoothing a defence against noisy labels. With that ℓ_ε:
+
+    L_sep = mean ℓ_ε(r_w) + mean ℓ_ε(−r_l)      (two contrastive problems against a zero anchor)
+    L_con = mean ℓ_ε(r_w − r_l)
+    L_dpo = mean ℓ_ε(β·Δ),  Δ = (log π_w − log π_ref,w) − (log π_l − log π_ref,l)
+
+Each loss returns ``(loss, metrics)``; metrics are detached scalar tensors named as the DPO
+ecosystem names them (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
+``rewards/margins``). This file depends on torch alone and can be copied into another project.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Metrics = Dict[str, torch.Tensor]
+
+DPH_LOSS_KINDS = ("separable", "contrastive")
+PENALTY_KINDS = ("squared", "sum")
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+def _check_label_smoothing(label_smoothing: float) -> None:
+    # written as `not (a <= x < b)` so that NaN is rejected too
+    if not (0.0 <= float(label_smoothing) < 0.5):
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+
+
+def _check_pair(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> None:
+    if r_chosen.shape != r_rejected.shape:
+        raise ValueError(f"chosen and rejected must have the same shape, "
+                         f"got {tuple(r_chosen.shape)} and {tuple(r_rejected.shape)}")
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 are kept as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _smoothed_logistic(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """ℓ_ε(x) = −(1−ε)·log σ(x) − ε·log σ(−x), elementwise. logsigmoid keeps it finite for any x."""
+    return -(1.0 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+
+
+@torch.no_grad()
+def _reward_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> Metrics:
+    r_chosen, r_rejected = _upcast(r_chosen.detach()), _upcast(r_rejected.detach())
+    return {
+        "rewards/chosen": r_chosen.mean(),
+        "rewards/rejected": r_rejected.mean(),
+        "rewards/accuracies": (r_chosen > r_rejected).float().mean(),
+        "rewards/margins": (r_chosen - r_rejected).mean(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# DPH objectives (paper §3)
+
+def separable_dph_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
+                       label_smoothing: float = 0.0) -> Tuple[torch.Tensor, Metrics]:
+    """Separable DPH objective (paper §3): each completion is its own binary decision.
+
+        L_sep = mean_B[−(1−ε)·log σ(r_w) − ε·log σ(−r_w)]
+              + mean_B[−(1−ε)·log σ(−r_l) − ε·log σ(r_l)]
+
+    Optimum: r_w* = log((1−ε)/ε), r_l* = −log((1−ε)/ε) (unbounded when ε = 0). Rewards get an
+    absolute meaning: positive = good.
+
+    Args:
+        r_chosen: (B,) rewards of the chosen completions.
+        r_rejected: (B,) rewards of the rejected completions.
+        label_smoothing: ε, 0 ≤ ε < 0.5.
+    Returns:
+        loss: () scalar; metrics: dict of detached () tensors.
+    """
+    _check_label_smoothing(label_smoothing)
+    _check_pair(r_chosen, r_rejected)
+    r_w, r_l = _upcast(r_chosen), _upcast(r_rejected)
+    loss = (_smoothed_logistic(r_w, label_smoothing).mean()
+            + _smoothed_logistic(-r_l, label_smoothing).mean())
+    return loss, _reward_metrics(r_chosen, r_rejected)
+
+
+def contrastive_dph_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
+                         label_smoothing: float = 0.0) -> Tuple[torch.Tensor, Metrics]:
+    """Contrastive DPH objective (paper §3): a smoothed Bradley–Terry loss on the reward difference.
+
+        L_con = mean_B[−(1−ε)·log σ(r_w − r_l) − ε·log σ(r_l − r_w)]
+
+    The same form as cDPO with no reference model and no β. Optimal margin r_w − r_l =
+    log((1−ε)/ε) (≈ 2.20 at ε = 0.1); invariant to adding one constant to both rewards.
+
+    Args:
+        r_chosen: (B,) rewards of the chosen completions.
+        r_rejected: (B,) rewards of the rejected completions.
+        label_smoothing: ε, 0 ≤ ε < 0.5.
+    Returns:
+        loss: () scalar; metrics: dict of detached () tensors.
+    """
+    _check_label_smoothing(label_smoothing)
+    _check_pair(r_chosen, r_rejected)
+    margin = _upcast(r_chosen) - _upcast(r_rejected)  # (B,)
+    loss = _smoothed_logistic(margin, label_smoothing).mean()
+    return loss, _reward_metrics(r_chosen, r_rejected)
+
+
+def dph_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, kind: str = "separable",
+             label_smoothing: float = 0.0) -> Tuple[torch.Tensor, Metrics]:
+    """Either DPH objective by name: ``kind`` in ("separable", "contrastive"). Shapes as above."""
+    if kind == "separable":
+        return separable_dph_loss(r_chosen, r_rejected, label_smoothing)
+    if kind == "contrastive":
+        return contrastive_dph_loss(r_chosen, r_rejected, label_smoothing)
+    raise ValueError(f"unknown DPH loss kind {kind!r}; choose one of {DPH_LOSS_KINDS}")
+
+
+def reward_penalty(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weight: float,
+                   kind: str = "squared") -> Tuple[torch.Tensor, Metrics]:
+    """Optional penalty on reward size. NOT in the paper (the authors' code added it later).
+
+        kind "squared": λ·mean_B(r_w² + r_l²)     keeps both rewards near zero
+        kind "sum":     λ·mean_B((r_w + r_l)²)    keeps the pair centred on zero (fixes the
+                                                  shift that the contrastive loss leaves free)
+    Args:
+        r_chosen, r_rejected: (B,) rewards.
+        weight: λ ≥ 0.
+    Returns:
+        loss: () scalar; metrics: {"rewards/penalty": detached ()}.
+    """
+    if weight < 0:
+        raise ValueError(f"reward penalty weight must be >= 0, got {weight}")
+    _check_pair(r_chosen, r_rejected)
+    r_w, r_l = _upcast(r_chosen), _upcast(r_rejected)
+    if kind == "squared":
+        loss = weight * (r_w.pow(2) + r_l.pow(2)).mean()
+    elif kind == "sum":
+        loss = weight * (r_w + r_l).pow(2).mean()
+    else:
+        raise ValueError(f"unknown reward penalty kind {kind!r}; choose one of {PENALTY_KINDS}")
+    return loss, {"rewards/penalty": loss.detach()}
+
+
+# ----------------------------------------------------------------------------------------------
+# LM-head objectives: log-likelihoods, cDPO, SFT
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor,
+                ignore_index: int = -100) -> torch.Tensor:
+    """Per-token log-probabilities log p(labels | logits), 0.0 where labels == ignore_index.
+
+    Args:
+        logits: (..., V), any float dtype (computed in at least fp32).
+        labels: (...,) long, already aligned with ``logits`` (no shifting here).
+    Returns:
+        (...,) log-probabilities in fp32 (fp64 if the logits are fp64).
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits (..., V) and labels (...) disagree: "
+                         f"{tuple(logits.shape)} vs {tuple(labels.shape)}")
+    mask = labels != ignore_index
+    safe_labels = torch.where(mask, labels, torch.zeros_like(labels))  # ignore_index never gathered
+    logp = _upcast(logits).log_softmax(dim=-1)  # (..., V)
+    picked = logp.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)  # (...,)
+    return torch.where(mask, picked, torch.zeros_like(picked))
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                   average: bool = False) -> torch.Tensor:
+    """log π(y|x) per sequence: the sum over non-ignored targets of ``token_logps``.
+
+    Args:
+        logits: (B, T, V); labels: (B, T), already aligned (labels[:, t] is predicted by
+            logits[:, t]).
+        average: if True, divide by the number of non-ignored targets (per-token mean; a row
+            with no targets gives 0).
+    Returns:
+        (B,) summed (or averaged) log-probabilities.
+    """
+    lp = token_logps(logits, labels, ignore_index).sum(dim=-1)  # (B,)
+    if average:
+        n = (labels != ignore_index).sum(dim=-1).clamp(min=1)  # (B,)
+        lp = lp / n
+    return lp
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
+             beta: float = 0.1, label_smoothing: float = 0.0) -> Tuple[torch.Tensor, Metrics]:
+    """Conservative DPO (cDPO; Rafailov et al. 2023, Mitchell 2023), trained jointly with the head.
+
+        Δ = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)]
+        L_dpo = mean_B[−(1−ε)·log σ(βΔ) − ε·log σ(−βΔ)]
+
+    Optimal βΔ = log((1−ε)/ε). Metrics hold the implicit rewards β·(log π − log π_ref).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: (B,) summed log π of each completion.
+        ref_chosen_logps, ref_rejected_logps: (B,) the same under the frozen reference model.
+        beta: β > 0, the KL strength.
+        label_smoothing: ε, 0 ≤ ε < 0.5 (ε = 0: plain DPO).
+    Returns:
+        loss: () scalar; metrics: dict of detached () tensors.
+    """
+    _check_label_smoothing(label_smoothing)
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    _check_pair(policy_chosen_logps, policy_rejected_logps)
+    chosen = _upcast(policy_chosen_logps) - _upcast(ref_chosen_logps)  # (B,)
+    rejected = _upcast(policy_rejected_logps) - _upcast(ref_rejected_logps)  # (B,)
+    loss = _smoothed_logistic(beta * (chosen - rejected), label_smoothing).mean()
+    return loss, _reward_metrics(beta * chosen, beta * rejected)
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor,
+             ignore_index: int = -100) -> Tuple[torch.Tensor, Metrics]:
+    """Supervised fine-tuning: token-mean cross-entropy over the non-ignored targets.
+
+        L_sft = −(1/N) Σ_{t: y_t ≠ ignore} log p(y_t | x, y_<t)
+
+    Args:
+        logits: (N, V) or (B, T, V); labels: (N,) or (B, T), already aligned.
+    Returns:
+        loss: () scalar (0, still connected to the graph, if there are no targets);
+        metrics: {"loss/sft": detached (), "tokens": () long, the number N of targets}.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits (..., V) and labels (...) disagree: "
+                         f"{tuple(logits.shape)} vs {tuple(labels.shape)}")
+    flat_logits = _upcast(logits).reshape(-1, logits.size(-1))  # (N, V)
+    flat_labels = labels.reshape(-1)  # (N,)
+    n_tokens = (flat_labels != ignore_index).sum()
+    # sum / max(N, 1) equals reduction="mean" when N > 0, and gives a graph-connected 0 instead of
+    # 0/0 = NaN when every target is ignored, without a device->host sync to test for N == 0.
+    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum")
+    loss = total / n_tokens.clamp(min=1)
+    return loss, {"loss/sft": loss.detach(), "tokens": n_tokens.detach()}

@@ -1,0 +1,509 @@
+"""The language model and its Direct Preference Head (SPEC §2; paper §3 "Direct Preference Heads").
+
+Reading order, as in the paper:
+
+    ModelConfig, PRESETS      backbone shapes ("paper" = the 551M model's shape, §5.1 of the paper)
+    RMSNorm, rope, Attention  pre-norm decoder block pieces; SDPA with an optional boolean mask
+    SwiGLU, Block             feed-forward and the residual block
+    Transformer               embeddings tied to the LM head; returns the final normed hidden state
+                              and computes LM logits only at the positions asked for
+    attention_mask            block-diagonal (packing) and tree-shaped (shared prefix) masks
+    PreferenceHead            pooler f (identity | affine | swiglu) then r = wᵀ f(h), no bias (§3.1)
+    DPHModel                  backbone + head; freeze_backbone(); the reward path never touches the
+                              LM head, so LM outputs are unchanged by head training (§3)
+    KVCache, generate         batched sampling of N answers for inference-time alignment (§3.3)
+    save_checkpoint, load_checkpoint
+                              a directory with weights (tensors only), config.json, tokenizer.json
+
+Shapes: B batch, T query length, S key length, C d_model, H heads, D head dim, V vocabulary.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_dim: int = 688  # SwiGLU inner width
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("the head dimension must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS = {
+    # tests: well under 1M parameters even with an 8192-token vocabulary
+    "tiny": dict(d_model=64, n_layers=2, n_heads=2, ffn_dim=172, max_seq_len=256),
+    # the CPU default: the quick start trains it in a few minutes on 2 cores
+    "small": dict(d_model=256, n_layers=4, n_heads=4, ffn_dim=688, max_seq_len=512),
+    # CPU runs on real data (hours)
+    "base": dict(d_model=512, n_layers=8, n_heads=8, ffn_dim=1376, max_seq_len=512),
+    # the paper's backbone shape (GPU); the GPT-2 BPE + 3 chat tokens, padded to 50,272
+    "paper": dict(d_model=1536, n_layers=18, n_heads=24, ffn_dim=4096, max_seq_len=2048,
+                  vocab_size=50272),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def padded_vocab(n: int, multiple: int = 16) -> int:
+    """Embedding rows for a tokenizer of n tokens (GPT-2's 50,260 -> 50,272, as in the paper)."""
+    return (n + multiple - 1) // multiple * multiple
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbone pieces
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float, device=None):
+    """cos/sin tables (max_len, D/2) for rotary position embeddings (Su et al., 2021)."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    t = torch.arange(max_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, D); cos/sin (B, 1, T, D/2), gathered at each token's own position."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    y1 = x1 * cos - x2 * sin
+    y2 = x1 * sin + x2 * cos
+    return torch.stack((y1, y2), dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, D)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H, S, D), S = cached + T
+        drop = self.dropout if self.training else 0.0
+        if mask is None and cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        else:
+            if mask is None:  # decoding with a cache: attend to every cached key and causally
+                S = k.shape[2]  # within the new tokens
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    """FFN(x) = W2 (silu(W1 x) ⊙ W3 x) (Shazeer, 2020). Also the 'swiglu' pooler's body."""
+
+    def __init__(self, d: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.w1 = nn.Linear(d, hidden, bias=bias)
+        self.w3 = nn.Linear(d, hidden, bias=bias)
+        self.w2 = nn.Linear(hidden, d, bias=bias)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, mask, cache, layer))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class ModelOutput(NamedTuple):
+    hidden: torch.Tensor  # (B, T, C): final normed hidden states, the input of the LM head
+    logits: Optional[torch.Tensor]  # (N, V) at the N positions asked for, else None
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM: token embedding (tied to the output projection), pre-norm blocks, RoPE."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2 style: scale residual projections
+            if name.endswith("proj.weight") or name.endswith("w2.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, idx, pos=None, mask=None, cache=None, logits_at=None) -> ModelOutput:
+        """idx (B, T) token ids.
+        pos (B, T) explicit positions (packing restarts them; a shared prefix's branches continue
+            after the prompt). Default: 0..T-1, offset by the cache length when decoding.
+        mask (B, T, S) or (B, 1, T, S) boolean, True = may attend. Default: causal.
+        cache a KVCache, filled in place.
+        logits_at (B, T) boolean: compute LM logits only there, returned flattened (N, V) in
+            row-major order. None: no logits at all. The full (B, T, V) tensor is never built
+            unless every position is asked for.
+        """
+        B, T = idx.shape
+        if pos is None:
+            start = cache.length if cache is not None else 0
+            pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        if int(pos.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(pos.max())} exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B,1,T,D/2)
+        if mask is not None and mask.dim() == 3:
+            mask = mask.unsqueeze(1)  # broadcast over heads
+        x = self.drop(self.embed(idx))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        h = self.norm(x)
+        logits = self.lm_logits(h[logits_at]) if logits_at is not None else None
+        return ModelOutput(h, logits)
+
+    def lm_logits(self, h):
+        """The LM head, tied to the embedding: (..., C) -> (..., V)."""
+        return F.linear(h, self.embed.weight)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+
+def attention_mask(doc_ids, branch_ids=None):
+    """Boolean attention mask (B, 1, T, T), True = may attend.
+
+    doc_ids (B, T): packed documents; a token sees only earlier tokens of its own document
+        (block-diagonal causal). -1 marks padding, which sees only itself (so no row is empty).
+    branch_ids (B, T): shared-prefix trees; 0 = the shared prompt, k > 0 = answer branch k. A token
+        sees earlier prompt tokens of its document and earlier tokens of its own branch, never
+        another branch.
+    """
+    B, T = doc_ids.shape
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    m = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
+    if branch_ids is not None:
+        bq, bk = branch_ids[:, :, None], branch_ids[:, None, :]
+        m &= (bk == 0) | (bk == bq)
+    pad = doc_ids < 0
+    eye = torch.eye(T, dtype=torch.bool, device=doc_ids.device)
+    m = torch.where(pad[:, :, None], eye, m & ~pad[:, None, :])
+    return m.unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The preference head (paper §3.1): r = wᵀ f(h), f a pooler, no bias on w.
+
+
+class PreferenceHead(nn.Module):
+    """Reward head over any backbone's final hidden states.
+
+    pooler: 'identity' f(h) = h; 'affine' f(h) = tanh(W h + b); 'swiglu' f(h) = tanh(SwiGLU(h)),
+    the inverted-bottleneck FFN d -> ffn -> d (the paper's released model matches this one).
+    Weights start N(0, 0.02), biases 0.
+    """
+
+    POOLERS = ("identity", "affine", "swiglu")
+
+    def __init__(self, d_model: int, pooler: str = "swiglu", dropout: float = 0.0,
+                 ffn_dim: Optional[int] = None):
+        super().__init__()
+        if pooler not in self.POOLERS:
+            raise ValueError(f"unknown pooler {pooler!r}; choose from {', '.join(self.POOLERS)}")
+        self.pooler_kind = pooler
+        if pooler == "affine":
+            self.pooler = nn.Linear(d_model, d_model)
+        elif pooler == "swiglu":
+            self.pooler = SwiGLU(d_model, ffn_dim or 4 * d_model, bias=True)
+        else:
+            self.pooler = None
+        self.dropout = nn.Dropout(dropout)
+        self.score = nn.Linear(d_model, 1, bias=False)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, h):
+        """h (..., C) -> rewards (...)."""
+        h = self.dropout(h)
+        if self.pooler is not None:
+            h = torch.tanh(self.pooler(h))
+        return self.score(h).squeeze(-1)
+
+    def reward(self, hidden, index):
+        """Read rewards at explicitly given positions (never inferred from padding).
+        hidden (B, T, C); index (B,) one position per row, or (N, 2) (row, position) pairs.
+        Returns (B,) or (N,)."""
+        if index.dim() == 1:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return self(hidden[rows, index])
+        return self(hidden[index[:, 0], index[:, 1]])
+
+
+class DPHModel(nn.Module):
+    """The LM backbone plus (optionally) a preference head. The head reads the backbone's final
+    hidden states and has no path into the LM logits."""
+
+    def __init__(self, cfg: ModelConfig, head: Optional[dict] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.lm = Transformer(cfg)
+        self.head = None
+        self.head_cfg = None
+        if head is not None:
+            self.add_head(**head)
+
+    def add_head(self, pooler: str = "swiglu", dropout: float = 0.0, ffn_dim: Optional[int] = None):
+        ffn_dim = ffn_dim or self.cfg.ffn_dim
+        self.head_cfg = dict(pooler=pooler, dropout=dropout, ffn_dim=ffn_dim)
+        self.head = PreferenceHead(self.cfg.d_model, pooler, dropout, ffn_dim)
+        self.head.to(self.lm.embed.weight.device)
+        return self.head
+
+    def forward(self, idx, pos=None, mask=None, cache=None, logits_at=None) -> ModelOutput:
+        return self.lm(idx, pos, mask, cache, logits_at)
+
+    def reward(self, hidden, index):
+        if self.head is None:
+            raise RuntimeError("this model has no preference head; train one with train_dph.py")
+        return self.head.reward(hidden, index)
+
+    def freeze_backbone(self, frozen: bool = True):
+        for p in self.lm.parameters():
+            p.requires_grad_(not frozen)
+
+    def describe(self) -> str:
+        n = self.lm.num_params()
+        nh = sum(p.numel() for p in self.head.parameters()) if self.head is not None else 0
+        return (f"backbone {n / 1e6:.2f}M parameters ({self.lm.num_params(True) / 1e6:.2f}M "
+                f"non-embedding), head {nh / 1e6:.2f}M")
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation (inference-time alignment samples N answers, then the head ranks them)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (L, B, H, max_len, D)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (cfg.n_layers, batch, cfg.n_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer, k, v):
+        T = k.shape[2]
+        end = self.length + T
+        if end > self.k.shape[3]:
+            raise ValueError(f"KV cache full ({self.k.shape[3]} positions)")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """logits (B, V) -> token ids (B,). temperature 0 = greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the first always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, n=1, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
+             stop_id=None, use_cache=True, generator=None):
+    """Sample n continuations of one prompt in a batch. Returns a list of n lists of new token
+    ids, each cut before its stop token (the stop token is not included)."""
+    lm = model.lm if isinstance(model, DPHModel) else model
+    device = lm.embed.weight.device
+    prompt = torch.tensor(prompt_ids, device=device).unsqueeze(0).expand(n, -1)
+    total = prompt.shape[1] + max_new_tokens
+    if total > lm.cfg.max_seq_len:
+        raise ValueError(f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"max_seq_len {lm.cfg.max_seq_len}")
+    cache = KVCache(lm.cfg, n, total, device, lm.embed.weight.dtype) if use_cache else None
+    seq, step_in = prompt, prompt
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        x = step_in if use_cache else seq
+        last = torch.zeros(x.shape, dtype=torch.bool, device=device)
+        last[:, -1] = True
+        logits = lm(x, cache=cache, logits_at=last).logits  # (n, V)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        if stop_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, stop_id), nxt)
+            done |= nxt == stop_id
+        seq = torch.cat([seq, nxt[:, None]], 1)
+        step_in = nxt[:, None]
+        if stop_id is not None and bool(done.all()):
+            break
+    out = []
+    for row in seq[:, prompt.shape[1]:].tolist():
+        if stop_id is not None and stop_id in row:
+            row = row[: row.index(stop_id)]
+        out.append(row)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: a directory with model.pt (tensors only), config.json and tokenizer.json
+
+WEIGHTS, CONFIG, TOKENIZER = "model.pt", "config.json", "tokenizer.json"
+
+
+def _atomic_write(path, write):
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(path, model: DPHModel, tokenizer_json: Optional[str] = None,
+                    extra: Optional[dict] = None):
+    """Write model weights (from the uncompiled module), config.json and tokenizer.json into the
+    directory `path`, each file atomically. `extra` (plain JSON) is stored in config.json."""
+    os.makedirs(path, exist_ok=True)
+    raw = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    raw = getattr(raw, "module", raw)  # DistributedDataParallel wrapper
+    state = {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()}
+    config = {"model": asdict(raw.cfg), "head": raw.head_cfg, **(extra or {})}
+    _atomic_write(os.path.join(path, WEIGHTS), lambda p: torch.save(state, p))
+    if tokenizer_json is not None:
+        _atomic_write(os.path.join(path, TOKENIZER), lambda p: open(p, "w").write(tokenizer_json))
+
+    def write_config(p):
+        with open(p, "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+    _atomic_write(os.path.join(path, CONFIG), write_config)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file."""
+
+
+def read_config(path) -> dict:
+    f = os.path.join(path, CONFIG)
+    if not os.path.isfile(f):
+        raise CheckpointError(f"{f}: not found (is {path} a checkpoint directory?)")
+    try:
+        with open(f) as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+
+
+def load_checkpoint(path, device="cpu") -> tuple:
+    """Rebuild the exact model saved in `path`. Returns (model, config dict). Weights are read
+    with torch.load(weights_only=True): a pickle carrying code is refused."""
+    config = read_config(path)
+    try:
+        cfg = ModelConfig.from_dict(config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(path, CONFIG)}: bad model config ({e})") from None
+    model = DPHModel(cfg, head=config.get("head"))
+    f = os.path.join(path, WEIGHTS)
+    if not os.path.isfile(f):
+        raise CheckpointError(f"{f}: not found")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file or a pickle that is not plain tensors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{f}: cannot be loaded safely ({first})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{f}: expected a dict of tensors")
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{f}: does not match {CONFIG} ({str(e).splitlines()[0]})") from None
+    return model.to(device), config

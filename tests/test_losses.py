@@ -1,0 +1,378 @@
+"""Tests for losses.py: reductions to the plain losses, closed-form optima, gradient signs,
+numerical range, label-smoothing validation, metrics, log-likelihoods and SFT (SPEC §3)."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from losses import (contrastive_dph_loss, dph_loss, dpo_loss, reward_penalty,  # noqa: E402
+                    separable_dph_loss, sequence_logps, sft_loss, token_logps)
+
+DPH_LOSSES = [separable_dph_loss, contrastive_dph_loss]
+METRIC_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"}
+
+
+def t(*xs, requires_grad=False):
+    return torch.tensor(xs, dtype=torch.float64, requires_grad=requires_grad)
+
+
+def log_sigmoid(x):  # independent reference, plain Python
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def dpo_on_rewards(r_w, r_l, beta=0.1, eps=0.0):
+    """dpo_loss with rewards fed through the policy log-probs (reference at zero)."""
+    return dpo_loss(r_w, r_l, torch.zeros_like(r_w), torch.zeros_like(r_l), beta=beta,
+                    label_smoothing=eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# ε = 0 reduces to the unsmoothed losses
+
+R_W = [1.3, -0.4, 2.0, 0.0]
+R_L = [0.2, 0.9, -1.5, 0.0]
+
+
+def test_separable_eps0_is_plain():
+    loss, _ = separable_dph_loss(t(*R_W), t(*R_L), 0.0)
+    expected = (sum(-log_sigmoid(w) for w in R_W) / 4 + sum(-log_sigmoid(-l) for l in R_L) / 4)
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_contrastive_eps0_is_plain():
+    loss, _ = contrastive_dph_loss(t(*R_W), t(*R_L), 0.0)
+    expected = sum(-log_sigmoid(w - l) for w, l in zip(R_W, R_L)) / 4
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_dpo_eps0_is_plain():
+    pw, pl, rw, rl = [-5.0, -3.0], [-7.0, -2.0], [-6.0, -3.5], [-6.5, -2.5]
+    loss, _ = dpo_loss(t(*pw), t(*pl), t(*rw), t(*rl), beta=0.5, label_smoothing=0.0)
+    expected = sum(-log_sigmoid(0.5 * ((a - c) - (b - d)))
+                   for a, b, c, d in zip(pw, pl, rw, rl)) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_dpo_hand_value():
+    # Δ = (π_w − ref_w) − (π_l − ref_l) = (−5 + 6) − (−7 + 6.5) = 1 − (−0.5) = 1.5
+    # βΔ = 0.1 · 1.5 = 0.15
+    # L = −0.9·log σ(0.15) − 0.1·log σ(−0.15),  log σ(x) = −log(1 + e^(−x))
+    #   = 0.9·log(1 + e^(−0.15)) + 0.1·log(1 + e^(0.15)) ≈ 0.9·0.62096 + 0.1·0.77096 ≈ 0.63596
+    expected = 0.9 * math.log(1 + math.exp(-0.15)) + 0.1 * math.log(1 + math.exp(0.15))
+    loss, m = dpo_loss(t(-5.0), t(-7.0), t(-6.0), t(-6.5), beta=0.1, label_smoothing=0.1)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert loss.item() == pytest.approx(0.63596, abs=1e-4)
+    # implicit rewards β(π − ref): chosen 0.1·1 = 0.1, rejected 0.1·(−0.5) = −0.05
+    assert m["rewards/chosen"].item() == pytest.approx(0.1, abs=1e-9)
+    assert m["rewards/rejected"].item() == pytest.approx(-0.05, abs=1e-9)
+    assert m["rewards/margins"].item() == pytest.approx(0.15, abs=1e-9)
+    assert m["rewards/accuracies"].item() == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed-form optima
+
+def _minimise(loss_fn, init=(0.0, 0.0)):
+    r_w = torch.tensor([init[0]], dtype=torch.float64, requires_grad=True)
+    r_l = torch.tensor([init[1]], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([r_w, r_l], lr=1.0, max_iter=200, tolerance_grad=1e-12,
+                            tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(r_w, r_l)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    return r_w.item(), r_l.item()
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.2])
+def test_separable_reaches_optimum(eps):
+    r_w, r_l = _minimise(lambda w, l: separable_dph_loss(w, l, eps)[0], init=(0.3, 0.5))
+    target = math.log((1 - eps) / eps)
+    assert r_w == pytest.approx(target, abs=1e-3)
+    assert r_l == pytest.approx(-target, abs=1e-3)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.2])
+def test_contrastive_reaches_optimal_margin(eps):
+    r_w, r_l = _minimise(lambda w, l: contrastive_dph_loss(w, l, eps)[0], init=(0.3, 0.5))
+    assert r_w - r_l == pytest.approx(math.log((1 - eps) / eps), abs=1e-3)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.2])
+def test_dpo_reaches_optimal_margin(eps):
+    beta = 0.1
+    r_w, r_l = _minimise(lambda w, l: dpo_on_rewards(w, l, beta, eps)[0], init=(0.3, 0.5))
+    assert beta * (r_w - r_l) == pytest.approx(math.log((1 - eps) / eps), abs=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient signs
+
+def _grads(loss_fn, w, l):
+    r_w, r_l = t(w, requires_grad=True), t(l, requires_grad=True)
+    loss_fn(r_w, r_l)[0].backward()
+    return r_w.grad.item(), r_l.grad.item()
+
+
+ALL_PAIR_LOSSES = {
+    "separable": lambda w, l: separable_dph_loss(w, l, 0.1),
+    "contrastive": lambda w, l: contrastive_dph_loss(w, l, 0.1),
+    "dpo": lambda w, l: dpo_on_rewards(w, l, 0.1, 0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(ALL_PAIR_LOSSES))
+def test_gradient_signs_at_zero(name):
+    g_w, g_l = _grads(ALL_PAIR_LOSSES[name], 0.0, 0.0)
+    assert g_w < 0  # raise the chosen reward
+    assert g_l > 0  # lower the rejected reward
+
+
+def test_gradient_flips_past_optimum():
+    eps = 0.1
+    opt = math.log((1 - eps) / eps)
+    # contrastive: margin 2·x* is past the optimum, so descent shrinks it again
+    g_w, g_l = _grads(lambda w, l: contrastive_dph_loss(w, l, eps), 2 * opt, 0.0)
+    assert g_w > 0 and g_l < 0
+    # closed form: dL/dm = −(1−ε)σ(−m) + εσ(m) = (0.1·81 − 0.9)/82 at m = 2·ln 9
+    assert g_w == pytest.approx((0.1 * 81 - 0.9) / 82, abs=1e-12)
+    # separable: r_w past +x*, r_l past −x*
+    g_w, g_l = _grads(lambda w, l: separable_dph_loss(w, l, eps), 2 * opt, -2 * opt)
+    assert g_w > 0 and g_l < 0
+    # dpo: βΔ = 2·x*
+    g_w, g_l = _grads(lambda w, l: dpo_on_rewards(w, l, 0.1, eps), 2 * opt / 0.1, 0.0)
+    assert g_w > 0 and g_l < 0
+    # and at the optimum itself the gradient vanishes
+    g_w, _ = _grads(lambda w, l: contrastive_dph_loss(w, l, eps), opt, 0.0)
+    assert g_w == pytest.approx(0.0, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Numerical range
+
+@pytest.mark.parametrize("mag", [100.0, 1e4])
+@pytest.mark.parametrize("name", list(ALL_PAIR_LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_at_large_rewards(mag, name, dtype):
+    fn = ALL_PAIR_LOSSES[name]
+    for w, l in [(mag, -mag), (-mag, mag), (mag, mag), (-mag, -mag)]:
+        r_w = torch.tensor([w], dtype=dtype, requires_grad=True)
+        r_l = torch.tensor([l], dtype=dtype, requires_grad=True)
+        loss, _ = fn(r_w, r_l)
+        loss.backward()
+        assert torch.isfinite(loss), (name, w, l)
+        assert torch.isfinite(r_w.grad).all() and torch.isfinite(r_l.grad).all(), (name, w, l)
+    # the worst case is large but exact: −log σ(−x) ≈ x for big x
+    r_w, r_l = torch.tensor([-mag]), torch.tensor([mag])
+    if name == "contrastive":
+        assert fn(r_w, r_l)[0].item() == pytest.approx(0.9 * 2 * mag, rel=1e-4)
+
+
+def test_contrastive_shift_invariant():
+    g = torch.Generator().manual_seed(0)
+    r_w, r_l = torch.randn(16, generator=g, dtype=torch.float64), torch.randn(16, generator=g,
+                                                                            dtype=torch.float64)
+    a, _ = contrastive_dph_loss(r_w, r_l, 0.1)
+    b, _ = contrastive_dph_loss(r_w + 37.5, r_l + 37.5, 0.1)
+    assert a.item() == pytest.approx(b.item(), abs=1e-12)
+    # the separable loss is NOT shift invariant: it gives rewards an absolute scale
+    c, _ = separable_dph_loss(r_w, r_l, 0.1)
+    d, _ = separable_dph_loss(r_w + 37.5, r_l + 37.5, 0.1)
+    assert abs(c.item() - d.item()) > 1.0
+
+
+def test_separable_is_two_anchored_contrastive_problems():
+    r_w, r_l = t(*R_W), t(*R_L)
+    zero = torch.zeros_like(r_w)
+    sep, _ = separable_dph_loss(r_w, r_l, 0.1)
+    a, _ = contrastive_dph_loss(r_w, zero, 0.1)
+    b, _ = contrastive_dph_loss(zero, r_l, 0.1)
+    assert sep.item() == pytest.approx(a.item() + b.item(), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Label smoothing validation
+
+LOSS_CALLS = {
+    "separable": lambda eps: separable_dph_loss(t(1.0), t(0.0), label_smoothing=eps),
+    "contrastive": lambda eps: contrastive_dph_loss(t(1.0), t(0.0), label_smoothing=eps),
+    "dpo": lambda eps: dpo_loss(t(-1.0), t(-2.0), t(-1.5), t(-1.5), label_smoothing=eps),
+    "dph_loss": lambda eps: dph_loss(t(1.0), t(0.0), "contrastive", label_smoothing=eps),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSS_CALLS))
+@pytest.mark.parametrize("eps", [0.5, 0.7, -0.1, float("nan")])
+def test_bad_label_smoothing_raises(name, eps):
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        LOSS_CALLS[name](eps)
+
+
+@pytest.mark.parametrize("name", list(LOSS_CALLS))
+@pytest.mark.parametrize("eps", [0.0, 0.49])
+def test_good_label_smoothing_accepted(name, eps):
+    loss, _ = LOSS_CALLS[name](eps)
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_dpo_bad_beta_raises():
+    for beta in (0.0, -0.1):
+        with pytest.raises(ValueError, match="beta"):
+            dpo_loss(t(-1.0), t(-2.0), t(-1.5), t(-1.5), beta=beta)
+
+
+def test_mismatched_shapes_raise():
+    with pytest.raises(ValueError, match="same shape"):
+        contrastive_dph_loss(t(1.0, 2.0), t(0.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+@pytest.mark.parametrize("fn", DPH_LOSSES)
+def test_metrics_names_values_detached(fn):
+    r_w = t(1.0, 0.0, 3.0, requires_grad=True)
+    r_l = t(0.0, 2.0, 3.0, requires_grad=True)
+    _, m = fn(r_w, r_l, 0.1)
+    assert set(m) == METRIC_KEYS
+    for v in m.values():
+        assert v.dim() == 0 and not v.requires_grad
+    assert m["rewards/chosen"].item() == pytest.approx(4 / 3)
+    assert m["rewards/rejected"].item() == pytest.approx(5 / 3)
+    assert m["rewards/accuracies"].item() == pytest.approx(1 / 3)  # ties are not wins
+    assert m["rewards/accuracies"].is_floating_point()
+    assert m["rewards/margins"].item() == pytest.approx(-1 / 3)
+
+
+def test_dpo_metrics_keys_detached():
+    pw = t(-5.0, -1.0, requires_grad=True)
+    _, m = dpo_loss(pw, t(-7.0, -1.0), t(-6.0, -2.0), t(-6.5, -0.5), beta=0.1)
+    assert set(m) == METRIC_KEYS
+    assert all(not v.requires_grad for v in m.values())
+    # margins β·Δ: row 0: 0.1·1.5 = 0.15 (win), row 1: 0.1·((−1+2) − (−1+0.5)) = 0.15 (win)
+    assert m["rewards/accuracies"].item() == 1.0
+    assert m["rewards/margins"].item() == pytest.approx(0.15)
+
+
+def test_dph_loss_dispatch():
+    r_w, r_l = t(*R_W), t(*R_L)
+    assert dph_loss(r_w, r_l, "separable", 0.1)[0].item() == \
+        separable_dph_loss(r_w, r_l, 0.1)[0].item()
+    assert dph_loss(r_w, r_l, "contrastive", 0.1)[0].item() == \
+        contrastive_dph_loss(r_w, r_l, 0.1)[0].item()
+    assert dph_loss(r_w, r_l)[0].item() == separable_dph_loss(r_w, r_l)[0].item()
+    with pytest.raises(ValueError, match="separable.*contrastive"):
+        dph_loss(r_w, r_l, "sigmoid")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reward penalty
+
+def test_reward_penalty_values():
+    r_w, r_l = t(1.0, -2.0, requires_grad=True), t(3.0, 0.5)
+    loss, m = reward_penalty(r_w, r_l, 0.5, "squared")
+    # 0.5 · mean(1 + 9, 4 + 0.25) = 0.5 · 7.125 = 3.5625
+    assert loss.item() == pytest.approx(3.5625)
+    assert set(m) == {"rewards/penalty"} and not m["rewards/penalty"].requires_grad
+    assert m["rewards/penalty"].item() == pytest.approx(3.5625)
+    loss, _ = reward_penalty(r_w, r_l, 0.5, "sum")
+    # 0.5 · mean((1 + 3)², (−2 + 0.5)²) = 0.5 · mean(16, 2.25) = 0.5 · 9.125 = 4.5625
+    assert loss.item() == pytest.approx(4.5625)
+    loss.backward()
+    # d/dr_w of 0.5 · mean((r_w + r_l)²) = 0.5 · 2(r_w + r_l) / 2 = (r_w + r_l)/2
+    assert r_w.grad.tolist() == pytest.approx([2.0, -0.75])
+    assert reward_penalty(r_w, r_l, 0.0)[0].item() == 0.0
+
+
+def test_reward_penalty_errors():
+    with pytest.raises(ValueError, match="squared"):
+        reward_penalty(t(1.0), t(0.0), 0.1, "l1")
+    with pytest.raises(ValueError, match="weight"):
+        reward_penalty(t(1.0), t(0.0), -0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-likelihoods
+
+def _logits_and_labels(seed=0, B=2, T=5, V=7):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :2] = -100  # ignored prompt positions
+    labels[1, -1] = -100  # ignored padding
+    return logits, labels
+
+
+def test_token_logps_matches_hand_gather():
+    logits, labels = _logits_and_labels()
+    lp = token_logps(logits, labels)  # must not raise on -100
+    assert lp.shape == labels.shape and lp.dtype == torch.float32
+    logp = torch.log_softmax(logits.detach(), dim=-1)
+    for b in range(labels.size(0)):
+        for s in range(labels.size(1)):
+            y = labels[b, s].item()
+            want = 0.0 if y == -100 else logp[b, s, y].item()
+            assert lp[b, s].item() == pytest.approx(want, abs=1e-6)
+    assert (lp[labels == -100] == 0).all()
+    assert (lp[labels != -100] < 0).all()
+
+
+def test_token_logps_custom_ignore_index_and_bf16():
+    logits, labels = _logits_and_labels()
+    labels = labels.masked_fill(labels == -100, 3)  # a real token id as the ignore index
+    lp = token_logps(logits.detach().bfloat16(), labels, ignore_index=3)
+    assert lp.dtype == torch.float32
+    assert (lp[labels == 3] == 0).all() and (lp[labels != 3] < 0).all()
+
+
+def test_sequence_logps_sum_and_average():
+    logits, labels = _logits_and_labels()
+    tok = token_logps(logits, labels)
+    summed = sequence_logps(logits, labels)
+    assert summed.shape == (2,)
+    assert summed.tolist() == pytest.approx(tok.sum(-1).tolist(), abs=1e-6)
+    avg = sequence_logps(logits, labels, average=True)
+    # row 0 has 5 − 2 = 3 targets, row 1 has 5 − 1 = 4
+    assert avg.tolist() == pytest.approx([tok[0].sum().item() / 3, tok[1].sum().item() / 4],
+                                         abs=1e-6)
+    summed.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    # ignored positions get no gradient at all
+    assert (logits.grad[0, :2] == 0).all() and (logits.grad[1, -1] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# SFT
+
+def test_sft_loss_equals_cross_entropy_on_targets():
+    logits, labels = _logits_and_labels()
+    loss, m = sft_loss(logits, labels)
+    keep = labels != -100
+    expected = F.cross_entropy(logits[keep], labels[keep])
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert m["tokens"].item() == 7
+    assert m["loss/sft"].item() == pytest.approx(loss.item()) and not m["loss/sft"].requires_grad
+    # the (N, V) form gives the same number
+    flat, _ = sft_loss(logits.reshape(-1, 7), labels.reshape(-1))
+    assert flat.item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_sft_loss_all_ignored_is_zero_with_grad():
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    labels = torch.full((2, 3), -100)
+    loss, m = sft_loss(logits, labels)
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    assert loss.requires_grad
+    loss.backward()
+    assert (logits.grad == 0).all()
+    assert m["tokens"].item() == 0
