@@ -1,0 +1,239 @@
+"""Stage 2: Direct Preference Head training (SPEC §3; paper §3.2 objectives, §4.2 alignment).
+
+Loads an SFT checkpoint, adds the preference head (pooler + w, no bias) and trains on
+(prompt, chosen, rejected) pairs: choice tasks give chosen = the gold answer and rejected = a
+wrong candidate drawn uniformly, afresh each time an example is visited; preference data is used
+as given. The head's loss is the separable or the contrastive DPH objective with label
+smoothing ε. Jointly (as in the paper's alignment stage) the LM may be trained with conservative
+DPO against a frozen copy of the SFT model (--dpo-weight, 0 disables it and skips the reference
+model). The backbone is pulled toward its SFT weights; the head decays toward zero.
+
+    python train_dph.py --loss contrastive            # out/sft -> out/dph
+    python train_dph.py --freeze-backbone --dpo-weight 0   # head only: LM outputs unchanged
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import common
+from common import UsageError, opt
+from data import (ChatTokenizer, TaskSampler, apply_label_noise, collate_choices, make_pairs,
+                  score_choices)
+from losses import dph_loss, dpo_loss, reward_penalty
+from model import PreferenceHead, load_checkpoint, save_checkpoint
+from tasks import resolve_tasks
+
+PAIR_KINDS = ("choice", "preference")
+
+
+@dataclass
+class DPHConfig:
+    init: str = opt("out/sft", "SFT checkpoint to start from")
+    out: str = opt("out/dph", "output checkpoint directory")
+    overwrite: bool = opt(False, "replace a previous run in --out")
+    tasks: str = opt("", "tasks and mixtures (default: the SFT checkpoint's tasks)")
+    data_dir: str = opt("", "folder with real datasets (default: $DPH_DATA)")
+    data_seed: int = opt(0, "seed of the built-in suite's generator")
+    loss: str = opt("separable", "DPH objective", ["separable", "contrastive"])
+    label_smoothing: float = opt(0.1, "ε of the DPH loss, 0 <= ε < 0.5")
+    dpo_weight: float = opt(1.0, "weight of the joint cDPO term on the LM (0: off, no reference)")
+    beta: float = opt(0.1, "β of the cDPO term")
+    dpo_label_smoothing: float = opt(0.1, "ε of the cDPO term")
+    reward_penalty: float = opt(0.0, "λ of the optional reward penalty (not in the paper)")
+    reward_penalty_kind: str = opt("squared", "λ·mean(r_w²+r_l²) or λ·mean((r_w+r_l)²)",
+                                   ["squared", "sum"])
+    freeze_backbone: bool = opt(False, "train the head only")
+    pooler: str = opt("swiglu", "head pooler", list(PreferenceHead.POOLERS))
+    pooler_dropout: float = opt(0.0, "dropout inside the pooler")
+    layout: str = opt("shared", "shared: prompt once, answers as branches; padded: a row each",
+                      ["shared", "padded"])
+    batch_size: int = opt(32, "pairs per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimiser step")
+    max_steps: int = opt(300, "optimiser steps")
+    lr: float = opt(5e-4, "peak learning rate of the backbone")
+    head_lr: float = opt(2e-3, "peak learning rate of the head and pooler")
+    min_lr_ratio: float = opt(0.1, "final learning rate / peak")
+    warmup_steps: int = opt(30, "linear warmup steps")
+    prior_decay: float = opt(0.5, "decay of the backbone toward the SFT weights")
+    head_decay: float = opt(0.1, "decay of the head and pooler toward zero")
+    grad_clip: float = opt(1.0, "clip the gradient norm (0: off)")
+    max_len: int = opt(0, "longest prompt + answer in tokens (0: the model's context)")
+    label_noise: float = opt(0.0, "fraction of training labels flipped (robustness experiment)")
+    max_examples: int = opt(0, "use at most this many training examples per task (0: all)")
+    eval_every: int = opt(100, "steps between validation reward accuracies")
+    eval_pairs: int = opt(256, "validation pairs per evaluation")
+    seed: int = opt(0, "seed for the head's initialisation and the data order")
+    device: str = opt("auto", "auto | cpu | cuda | mps")
+    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (autocast)")
+    compile: bool = opt(False, "torch.compile the model")
+
+
+def validate(cfg: DPHConfig):
+    for name in ("label_smoothing", "dpo_label_smoothing"):
+        v = getattr(cfg, name)
+        if not 0.0 <= v < 0.5:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 0.5), got {v}")
+    for name in ("lr", "head_lr", "beta"):
+        if getattr(cfg, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in ("batch_size", "grad_accum", "max_steps"):
+        if getattr(cfg, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.dpo_weight < 0 or cfg.reward_penalty < 0:
+        raise UsageError("--dpo-weight and --reward-penalty must be >= 0")
+    if not 0 <= cfg.label_noise <= 1:
+        raise UsageError(f"--label-noise must be in [0, 1], got {cfg.label_noise}")
+
+
+def pair_loss(model, ref, batch, cfg, device, dtype, use_dpo):
+    """Forward chosen and rejected together; return (loss, metrics)."""
+    with common.autocast(device, dtype):
+        res = score_choices(model, batch, rewards=True, logps=use_dpo)
+    r = res["rewards"].float().view(-1, 2)  # (N, 2): [chosen, rejected]
+    loss, metrics = dph_loss(r[:, 0], r[:, 1], cfg.loss, cfg.label_smoothing)
+    if cfg.reward_penalty > 0:
+        pen, pm = reward_penalty(r[:, 0], r[:, 1], cfg.reward_penalty, cfg.reward_penalty_kind)
+        loss = loss + pen
+        metrics.update(pm)
+    if use_dpo:
+        with torch.no_grad(), common.autocast(device, dtype):
+            ref_lp = score_choices(ref, batch, rewards=False, logps=True)["logp"].float().view(-1, 2)
+        lp = res["logp"].float().view(-1, 2)
+        dloss, dm = dpo_loss(lp[:, 0], lp[:, 1], ref_lp[:, 0], ref_lp[:, 1], cfg.beta,
+                             cfg.dpo_label_smoothing)
+        loss = loss + cfg.dpo_weight * dloss
+        metrics.update({"dpo/loss": dloss.detach(), "dpo/accuracies": dm["rewards/accuracies"],
+                        "dpo/margins": dm["rewards/margins"]})
+    return loss, metrics
+
+
+@torch.no_grad()
+def validation_rewards(model, items, cfg, device, dtype):
+    """Reward accuracy and margin on fixed validation pairs."""
+    model.eval()
+    chosen, rejected = [], []
+    for i in range(0, len(items), cfg.batch_size):
+        b = collate_choices(items[i:i + cfg.batch_size], cfg.layout, 0).to(device)
+        with common.autocast(device, dtype):
+            r = score_choices(model, b, rewards=True, logps=False)["rewards"].float().view(-1, 2)
+        chosen.append(r[:, 0])
+        rejected.append(r[:, 1])
+    model.train()
+    c, r = torch.cat(chosen), torch.cat(rejected)
+    return {"rewards/chosen": c.mean().item(), "rewards/rejected": r.mean().item(),
+            "rewards/accuracies": (c > r).float().mean().item(),
+            "rewards/margins": (c - r).mean().item(), "pairs": len(c)}
+
+
+def main(argv=None):
+    cfg, _ = common.parse_config(DPHConfig, __doc__.splitlines()[0], argv)
+    validate(cfg)
+    common.seed_everything(cfg.seed)
+    device = common.resolve_device(cfg.device)
+    dtype = common.resolve_dtype(cfg.dtype, device)
+
+    model, prior = load_checkpoint(cfg.init)  # the tokenizer and model shape come along
+    tok = ChatTokenizer.from_file(os.path.join(cfg.init, "tokenizer.json"))
+    tasks = cfg.tasks or ",".join(prior.get("sft", {}).get("tasks", ["builtin"]))
+    specs = [s for s in resolve_tasks(tasks) if s.kind in PAIR_KINDS]
+    if not specs:
+        raise UsageError(f"--tasks {tasks}: no choice or preference task to make pairs from")
+    common.prepare_out(cfg.out, cfg.overwrite)
+    max_len = cfg.max_len or model.cfg.max_seq_len
+
+    train = common.load_split(specs, "train", cfg.data_dir, cfg.data_seed, limit=cfg.max_examples)
+    if cfg.label_noise:
+        train = {k: apply_label_noise(v, cfg.label_noise, cfg.seed) for k, v in train.items()}
+    val = common.load_split(specs, "validation", cfg.data_dir, cfg.data_seed)
+    val_exs = [ex for exs in val.values() for ex in exs]
+    random.Random(cfg.seed).shuffle(val_exs)
+    val_items = make_pairs(tok, val_exs, random.Random(12345), max_len)[:cfg.eval_pairs]
+
+    model.cfg.dropout = 0.0  # dropout is off in this stage (pooler dropout is the head's own)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.add_head(cfg.pooler, cfg.pooler_dropout)
+    model.to(device).train()
+    use_dpo = cfg.dpo_weight > 0 and not cfg.freeze_backbone
+    if cfg.freeze_backbone:
+        model.freeze_backbone()
+        if cfg.dpo_weight > 0:
+            print("--freeze-backbone: the LM cannot change, so the cDPO term is skipped")
+    ref = None
+    if use_dpo:  # the frozen reference π_ref of cDPO: a copy of the SFT model
+        ref = copy.deepcopy(model.lm).eval().requires_grad_(False)
+    common.print_config(cfg, "config")
+    print(f"model: {model.describe()}; tasks: {', '.join(s.name for s in specs)}; "
+          f"{sum(map(len, train.values()))} training examples; device {device}, {dtype}")
+
+    head_params = list(model.head.parameters())
+    groups = [{"params": head_params, "lr_peak": cfg.head_lr}]
+    if not cfg.freeze_backbone:
+        groups.append({"params": list(model.lm.parameters()), "lr_peak": cfg.lr})
+    opt_ = torch.optim.AdamW([{"params": g["params"], "lr": g["lr_peak"]} for g in groups],
+                             betas=(0.9, 0.95), weight_decay=0.0)
+    reg = common.PriorRegularizer(model.named_parameters(), cfg.prior_decay, cfg.head_decay,
+                                  no_prior=("head.",))
+    fwd = torch.compile(model) if cfg.compile else model
+    log = common.MetricsLog(os.path.join(cfg.out, "metrics.jsonl"))
+    log.log(0, "config", **dataclasses.asdict(cfg))
+
+    sampler = TaskSampler(train, cfg.seed)
+    pair_rng = random.Random(cfg.seed + 1)  # rejected answers: a fresh draw at every visit
+    bar = tqdm(range(cfg.max_steps), desc=f"dph/{cfg.loss}", dynamic_ncols=True)
+    t_start, pairs_seen = time.time(), 0
+    for step in bar:
+        scale = common.lr_at(step, 1.0, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        for g, spec in zip(opt_.param_groups, groups):
+            g["lr"] = spec["lr_peak"] * scale
+        agg = {}
+        for _ in range(cfg.grad_accum):
+            items = []
+            while len(items) < cfg.batch_size:
+                items += make_pairs(tok, sampler.draw(1), pair_rng, max_len)
+            batch = collate_choices(items, cfg.layout, tok.pad).to(device)
+            loss, metrics = pair_loss(fwd, ref, batch, cfg, device, dtype, use_dpo)
+            (loss / cfg.grad_accum).backward()
+            pairs_seen += len(items)
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                agg[k] = agg.get(k, 0.0) + float(v) / cfg.grad_accum
+        if not math.isfinite(agg["loss"]):
+            raise FloatingPointError(f"non-finite loss at step {step}; nothing was saved")
+        gnorm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], cfg.grad_clip or float("inf"))
+        opt_.step()
+        reg.step(cfg.lr * scale, cfg.head_lr * scale)
+        opt_.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{agg['loss']:.3f}", acc=f"{agg['rewards/accuracies']:.2f}",
+                        pairs_s=f"{pairs_seen / (time.time() - t_start):.1f}")
+        if step % 10 == 0 or step == cfg.max_steps - 1:
+            log.log(step, "train", grad_norm=float(gnorm), **agg)
+        if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1:
+            v = validation_rewards(fwd, val_items, cfg, device, dtype)
+            log.log(step, "validation", **v)
+            tqdm.write(f"step {step + 1}: validation reward accuracy {v['rewards/accuracies']:.3f}, "
+                       f"margin {v['rewards/margins']:.2f}")
+
+    elapsed = time.time() - t_start
+    summary = {"tasks": [s.name for s in specs], "pairs": pairs_seen, "seconds": round(elapsed, 1),
+               "validation": v}
+    save_checkpoint(cfg.out, model, tok.to_json(),
+                    extra={"stage": "dph", "sft": prior.get("sft", {}),
+                           "dph": {**dataclasses.asdict(cfg), **summary}})
+    print(f"saved {cfg.out}: {pairs_seen} pairs in {elapsed:.0f}s; validation reward accuracy "
+          f"{v['rewards/accuracies']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_main(main)
