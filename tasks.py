@@ -89,6 +89,8 @@ SYSTEM_PROMPTS = {
     "multiple_choice": "Read the question and choose the correct answer.",
     "continuation": "Choose the most plausible continuation.",
     "yes_no": "Read the passage and answer the question with yes or no.",
+    "qa_entailment": "Decide whether the sentence contains the answer to the question.",
+    "goal": "Choose the better way to achieve the goal.",
     "chat": "You are a helpful assistant.",
 }
 
@@ -157,6 +159,10 @@ def register(spec: TaskSpec) -> TaskSpec:
 
 class TaskError(ValueError):
     """A bad --tasks value or bad task data: the message is meant for the user, one line."""
+
+
+class MissingSplit(TaskError):
+    """The split does not exist for this task, or none of its files is under data_dir."""
 
 
 def _ensure_registered():
