@@ -207,19 +207,24 @@ def check_finite(loss: torch.Tensor, step: int):
 
 
 def load_split(specs, split: str, data_dir: str, seed: int, kinds=None, limit: int = 0,
-               fallback=None) -> dict:
-    """Examples of each task for a split: {task name: [examples]}. `kinds` filters task kinds;
-    `fallback` (e.g. "train") is used for a task without that split."""
-    from tasks import TaskError
-    out = {}
+               required: bool = True) -> dict:
+    """Examples of each task for a split: {task name: [examples]}. `kinds` filters task kinds.
+    A task that lacks the split (e.g. a dataset distributed without a train set) is skipped with
+    a note; if every task lacks it, that is an error when `required`."""
+    from tasks import MissingSplit, TaskError
+    out, missing = {}, []
     for spec in specs:
         if kinds is not None and spec.kind not in kinds:
             continue
         try:
             exs = spec.load(split, seed=seed, data_dir=data_dir or None)
-        except TaskError:
-            if fallback is None:
-                raise
-            exs = spec.load(fallback, seed=seed, data_dir=data_dir or None)
+        except MissingSplit as e:
+            missing.append(spec.name)
+            print(f"note: skipping {spec.name} for {split}: {e}", file=sys.stderr)
+            continue
+        if not exs:
+            raise TaskError(f"{spec.name}: the {split} split is empty")
         out[spec.name] = exs[:limit] if limit else exs
+    if not out and required:
+        raise TaskError(f"no {split} data for {', '.join(missing) or 'the selected tasks'}")
     return out

@@ -446,11 +446,14 @@ def apply_label_noise(examples: list, fraction: float, seed: int) -> list:
     return out
 
 
-def _truncate_prompt(prompt: list, longest_branch: int, max_len: int) -> Optional[list]:
+def _truncate_prompt(prompt: list, longest_branch: int, max_len: int,
+                     header: int) -> Optional[list]:
+    """Cut the prompt just after <bos> so that prompt + longest branch fits in max_len; None when
+    that would cut into the final assistant header (`header` tokens: <|im_start|> assistant\n)."""
     over = len(prompt) + longest_branch - max_len
     if over <= 0:
         return prompt
-    if len(prompt) - 1 - over < 4:  # keep <bos> + at least the assistant header
+    if len(prompt) - 1 - over < header:  # keep <bos> + at least the assistant header
         return None
     return prompt[:1] + prompt[1 + over:]
 
@@ -468,7 +471,8 @@ def make_pairs(tok, examples: list, rng: random.Random, max_len: int) -> list:
         else:
             continue
         branches = [answer_branch(tok, chosen), answer_branch(tok, rejected)]
-        prompt = _truncate_prompt(render_prompt(tok, ex.messages), max(map(len, branches)), max_len)
+        prompt = _truncate_prompt(render_prompt(tok, ex.messages), max(map(len, branches)), max_len,
+                                  1 + len(tok.piece("assistant\n")))
         if prompt is not None:
             items.append(ChoiceItem(prompt, branches, 0, i, [len(chosen), len(rejected)]))
     return items
@@ -486,7 +490,8 @@ def eval_items(tok, examples: list, max_len: int) -> list:
         else:
             continue
         branches = [answer_branch(tok, c) for c in cands]
-        prompt = _truncate_prompt(render_prompt(tok, ex.messages), max(map(len, branches)), max_len)
+        prompt = _truncate_prompt(render_prompt(tok, ex.messages), max(map(len, branches)), max_len,
+                                  1 + len(tok.piece("assistant\n")))
         if prompt is None:
             raise ValueError(f"{ex.task} example {i}: answers do not fit in {max_len} tokens")
         items.append(ChoiceItem(prompt, branches, label, i, [max(1, len(c)) for c in cands]))

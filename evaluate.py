@@ -33,7 +33,7 @@ from common import UsageError, opt
 from data import ChatTokenizer, ChoiceItem, answer_branch, collate_choices, eval_items, \
     render_prompt, score_choices
 from model import generate, load_checkpoint
-from tasks import SYSTEM_PROMPTS, resolve_tasks
+from tasks import SYSTEM_PROMPTS, MissingSplit, resolve_tasks
 
 ROWS = (("SFT", "sft", "lm_mean"), ("DPO", "dph", "lm_mean"), ("DPH", "dph", "reward"))
 
@@ -196,7 +196,11 @@ def main(argv=None):
     results, predictions, table = {}, [], {}
     for spec in tqdm(specs, desc="evaluate", dynamic_ncols=True):
         split = cfg.split or spec.eval_split
-        examples = spec.load(split, seed=cfg.data_seed, data_dir=cfg.data_dir or None)
+        try:
+            examples = spec.load(split, seed=cfg.data_seed, data_dir=cfg.data_dir or None)
+        except MissingSplit as e:
+            tqdm.write(f"note: skipping {spec.name}: {e}")
+            continue
         if cfg.max_examples:
             examples = examples[:cfg.max_examples]
         entry = {"split": split, "n": len(examples)}
@@ -214,6 +218,9 @@ def main(argv=None):
                 rec[key] = {k: v for k, v in scored[key][j].items() if k not in ("index", "label")}
             predictions.append(rec)
 
+    specs = [s for s in specs if s.name in results]
+    if not specs:
+        raise UsageError("no task had data to evaluate")
     for row, key, readout in ROWS:
         if key in models and all(readout in results[s.name][key] for s in specs):
             per_task = {s.name: results[s.name][key][readout]["score"] for s in specs}

@@ -103,20 +103,18 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float, device=None):
-    """cos/sin tables (max_len, D/2) for rotary position embeddings (Su et al., 2021)."""
+def rope_table(head_dim: int, max_len: int, theta: float, device=None):
+    """Rotary position embeddings (Su et al., 2021) as unit complex numbers e^{i·pos·θ_k},
+    (max_len, D/2): rotating a (query or key) pair of features is one complex multiplication."""
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    t = torch.arange(max_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(t, inv)
-    return freqs.cos(), freqs.sin()
+    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x, cos, sin):
-    """x (B, H, T, D); cos/sin (B, 1, T, D/2), gathered at each token's own position."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    y1 = x1 * cos - x2 * sin
-    y2 = x1 * sin + x2 * cos
-    return torch.stack((y1, y2), dim=-1).flatten(-2).type_as(x)
+def apply_rope(x, rot):
+    """x (B, H, T, D); rot (B, 1, T, D/2) complex, gathered at each token's own position."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -127,10 +125,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+    def forward(self, x, rot, mask=None, cache=None, layer=0):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, D)
+        q, k = apply_rope(q, rot), apply_rope(k, rot)  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, S, D), S = cached + T
         drop = self.dropout if self.training else 0.0
@@ -149,12 +147,12 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(d, hidden, bias=bias)
-        self.w3 = nn.Linear(d, hidden, bias=bias)
+        self.w13 = nn.Linear(d, 2 * hidden, bias=bias)  # W1 and W3 in one matmul
         self.w2 = nn.Linear(hidden, d, bias=bias)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -166,8 +164,8 @@ class Block(nn.Module):
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
-        x = x + self.drop(self.attn(self.norm1(x), cos, sin, mask, cache, layer))
+    def forward(self, x, rot, mask=None, cache=None, layer=0):
+        x = x + self.drop(self.attn(self.norm1(x), rot, mask, cache, layer))
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
@@ -186,9 +184,8 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta),
+                             persistent=False)
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2 style: scale residual projections
             if name.endswith("proj.weight") or name.endswith("w2.weight"):
@@ -219,12 +216,12 @@ class Transformer(nn.Module):
             pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
         if int(pos.max()) >= self.cfg.max_seq_len:
             raise ValueError(f"position {int(pos.max())} exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B,1,T,D/2)
+        rot = self.rope[pos].unsqueeze(1)  # (B, 1, T, D/2) complex
         if mask is not None and mask.dim() == 3:
             mask = mask.unsqueeze(1)  # broadcast over heads
         x = self.drop(self.embed(idx))
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, cache, i)
+            x = block(x, rot, mask, cache, i)
         if cache is not None:
             cache.length += T
         h = self.norm(x)
@@ -458,7 +455,10 @@ def save_checkpoint(path, model: DPHModel, tokenizer_json: Optional[str] = None,
     config = {"model": asdict(raw.cfg), "head": raw.head_cfg, **(extra or {})}
     _atomic_write(os.path.join(path, WEIGHTS), lambda p: torch.save(state, p))
     if tokenizer_json is not None:
-        _atomic_write(os.path.join(path, TOKENIZER), lambda p: open(p, "w").write(tokenizer_json))
+        def write_tokenizer(p):
+            with open(p, "w") as f:
+                f.write(tokenizer_json)
+        _atomic_write(os.path.join(path, TOKENIZER), write_tokenizer)
 
     def write_config(p):
         with open(p, "w") as f:

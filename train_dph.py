@@ -153,7 +153,7 @@ def main(argv=None):
     train = common.load_split(specs, "train", cfg.data_dir, cfg.data_seed, limit=cfg.max_examples)
     if cfg.label_noise:
         train = {k: apply_label_noise(v, cfg.label_noise, cfg.seed) for k, v in train.items()}
-    val = common.load_split(specs, "validation", cfg.data_dir, cfg.data_seed)
+    val = common.load_split(specs, "validation", cfg.data_dir, cfg.data_seed, required=False)
     val_exs = [ex for exs in val.values() for ex in exs]
     random.Random(cfg.seed).shuffle(val_exs)
     val_items = make_pairs(tok, val_exs, random.Random(12345), max_len)[:cfg.eval_pairs]
@@ -190,6 +190,7 @@ def main(argv=None):
 
     sampler = TaskSampler(train, cfg.seed)
     pair_rng = random.Random(cfg.seed + 1)  # rejected answers: a fresh draw at every visit
+    v = {}  # the last validation result
     bar = tqdm(range(cfg.max_steps), desc=f"dph/{cfg.loss}", dynamic_ncols=True)
     t_start, pairs_seen = time.time(), 0
     for step in bar:
@@ -218,7 +219,7 @@ def main(argv=None):
                         pairs_s=f"{pairs_seen / (time.time() - t_start):.1f}")
         if step % 10 == 0 or step == cfg.max_steps - 1:
             log.log(step, "train", grad_norm=float(gnorm), **agg)
-        if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1:
+        if val_items and ((step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1):
             v = validation_rewards(fwd, val_items, cfg, device, dtype)
             log.log(step, "validation", **v)
             tqdm.write(f"step {step + 1}: validation reward accuracy {v['rewards/accuracies']:.3f}, "
@@ -230,8 +231,8 @@ def main(argv=None):
     save_checkpoint(cfg.out, model, tok.to_json(),
                     extra={"stage": "dph", "sft": prior.get("sft", {}),
                            "dph": {**dataclasses.asdict(cfg), **summary}})
-    print(f"saved {cfg.out}: {pairs_seen} pairs in {elapsed:.0f}s; validation reward accuracy "
-          f"{v['rewards/accuracies']:.3f}")
+    print(f"saved {cfg.out}: {pairs_seen} pairs in {elapsed:.0f}s" + (
+        f"; validation reward accuracy {v['rewards/accuracies']:.3f}" if v else ""))
     return 0
 
 

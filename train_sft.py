@@ -112,7 +112,8 @@ def main(argv=None):
     train = common.load_split(specs, "train", cfg.data_dir, cfg.data_seed, limit=cfg.max_examples)
     if cfg.label_noise:
         train = {k: apply_label_noise(v, cfg.label_noise, cfg.seed) for k, v in train.items()}
-    val = common.load_split(specs, "validation", cfg.data_dir, cfg.data_seed, limit=200)
+    val = common.load_split(specs, "validation", cfg.data_dir, cfg.data_seed, limit=200,
+                            required=False)
 
     if cfg.init:  # continue from a checkpoint: its tokenizer and shape come along
         model, prior = load_checkpoint(cfg.init)
@@ -142,7 +143,8 @@ def main(argv=None):
 
     stream = SFTStream(tok, train, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.kshot,
                        cfg.proportional)
-    val_stream = SFTStream(tok, val, cfg.seq_len, cfg.batch_size, cfg.seed + 1, cfg.kshot)
+    val_stream = SFTStream(tok, val, cfg.seq_len, cfg.batch_size, cfg.seed + 1, cfg.kshot) \
+        if val else None
     opt_ = common.make_optimizer(model.parameters(), cfg.lr, device=device)
     reg = common.PriorRegularizer(model.named_parameters(),
                                   cfg.prior_decay if cfg.init else 0.0,
@@ -176,7 +178,7 @@ def main(argv=None):
         if step % 10 == 0 or step == cfg.max_steps - 1:
             log.log(step, "train", loss=loss_sum, lr=lr, grad_norm=float(gnorm), tokens=tokens_seen,
                     tokens_per_s=tps, packing=stream.efficiency)
-        if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1:
+        if val_stream and ((step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1):
             vl = validation_loss(fwd, val_stream, cfg.eval_batches, device, dtype)
             log.log(step, "validation", loss=vl)
             tqdm.write(f"step {step + 1}: train loss {loss_sum:.3f}, validation loss {vl:.3f}")
