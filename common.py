@@ -1,10 +1,21 @@
 """What the three scripts share: flags from a config dataclass, device and dtype, seeding, the
-learning-rate schedule, prior regularisation (SPEC §3), logging and clean one-line errors."""
+learning-rate schedule, prior regularisation (SPEC §3), logging and clean one-line errors, and
+the reliability pieces of the training scripts: torchrun/DDP set-up, resumable training state
+(RNG states, --resume config inheritance) and the output directory's life cycle.
+
+Exit statuses of the scripts (run_main):
+    0  done
+    2  bad flags or input (one line on stderr, "error: ..."); nothing was written to --out
+    3  training diverged (non-finite loss or weights); stopped, the last good checkpoint is kept
+    1  anything else: a bug, shown with its traceback
+"""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import glob
+import hashlib
 import json
 import math
 import os
@@ -27,10 +38,33 @@ def opt(default, help: str, choices=None, alias=None):
                              metadata={"help": help, "choices": choices, "alias": alias})
 
 
+EXIT_USAGE, EXIT_DIVERGED = 2, 3
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (RANK is set before the process starts); True otherwise."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _one_line_error(msg: str, status: int):
+    if is_main_process():  # every rank sees the same input and fails alike: say it once
+        print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
+    sys.exit(status)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors (unknown flag, bad value, a value outside `choices`) are one
+    line, "error: ...", exit status 2, like every other bad-input error of the scripts."""
+
+    def error(self, message):
+        _one_line_error(f"{message} (see {self.prog} --help)", EXIT_USAGE)
+
+
 def build_parser(cls, description: str) -> argparse.ArgumentParser:
     """argparse flags generated from a config dataclass: field foo_bar -> --foo-bar."""
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # no abbreviated flags: --resume must know exactly which flags the user set
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               allow_abbrev=False)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
@@ -68,19 +102,27 @@ def print_config(cfg, title: str):
 
 
 def run_main(main):
-    """Run a script's main(); user-facing errors become one line on stderr and exit status 2."""
+    """Run a script's main(). User-facing errors become one line on stderr: bad flags or input
+    (and unreadable paths) exit with status 2, a diverged run (FloatingPointError) with 3. Any
+    other exception is a bug and keeps its traceback. A torchrun process group is torn down."""
     from model import CheckpointError
     from tasks import TaskError
     try:
-        sys.exit(main())
-    except (UsageError, TaskError, CheckpointError, FileNotFoundError) as e:
-        msg = str(e) if not isinstance(e, FileNotFoundError) or not e.filename else \
-            f"{e.filename}: {e.strerror or 'not found'}"
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
+        status = main()
+    except (UsageError, TaskError, CheckpointError, FileNotFoundError, PermissionError,
+            IsADirectoryError, NotADirectoryError) as e:
+        msg = f"{e.filename}: {e.strerror or 'not found'}" \
+            if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        _one_line_error(msg, EXIT_USAGE)
+    except FloatingPointError as e:
+        _one_line_error(str(e), EXIT_DIVERGED)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    sys.exit(status)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,6 +164,214 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every global RNG as plain lists/ints/floats and tensors (torch.load(weights_only=True)
+    reads it back; tuples become lists so a JSON round trip would keep it exact too)."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    s = {"python": [version, list(internal), gauss],
+         "numpy": [[int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+         "torch": torch.get_rng_state()}
+    if device.type == "cuda":  # never probed on a CPU run
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def set_rng_state(s: dict, device: torch.device):
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(s["torch"])
+    if device.type == "cuda" and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+def plain_random_state(rng: random.Random) -> list:
+    """A random.Random's state as [version, [625 ints], gauss] (see rng_state)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_plain_random_state(rng: random.Random, s):
+    rng.setstate((s[0], tuple(s[1]), s[2]))
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun: one process per device, DDP averages the gradients
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str = ""
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device_name: str):
+    """-> (Dist, device). Under torchrun (WORLD_SIZE > 1) join the process group: nccl on CUDA
+    (one device per process, cuda:LOCAL_RANK), gloo on the CPU. Outside torchrun: one process.
+    Non-zero ranks stay quiet on stdout; rank 0 prints and writes files."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), resolve_device(device_name)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA "
+                             f"devices; lower --nproc-per-node")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    elif device.type == "cpu":
+        backend = "gloo"
+    else:
+        raise UsageError(f"--device {device_name}: multi-process training runs on cuda or cpu")
+    torch.distributed.init_process_group(backend)
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    return Dist(rank, world, local, backend), device
+
+
+def wrap_ddp(model, dist: Dist, device):
+    """DistributedDataParallel around `model` when several processes train, else `model`."""
+    if not dist.active:
+        return model
+    # the only buffer (the RoPE table) is a constant: no need to sync it before every forward
+    import inspect
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else \
+        {"broadcast_buffers": False}
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+
+
+class DDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP that also exposes DPHModel.reward: the head reads the hidden states the wrapped
+    forward returned, and its gradients are averaged like every other parameter's."""
+
+    def reward(self, hidden, index):
+        return self.module.reward(hidden, index)
+
+
+def all_mean(values: dict, dist: Dist) -> dict:
+    """Average floats over the ranks (for logging and the finite-loss check: every rank must
+    see the same value and stop together)."""
+    if not dist.active or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.backend == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return {k: float(v) / dist.world for k, v in zip(keys, t.tolist())}
+
+
+def broadcast_object(obj, dist: Dist):
+    """Rank 0's `obj` on every rank (e.g. a tokenizer trained once)."""
+    if not dist.active:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj, dist: Dist) -> list:
+    if not dist.active:
+        return [obj]
+    out = [None] * dist.world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def barrier(dist: Dist):
+    if dist.active:
+        torch.distributed.barrier()
+
+
+def weights_digest(model) -> str:
+    """sha256 over the bytes of every state-dict tensor, in order (model.pt holds the same)."""
+    h = hashlib.sha256()
+    for v in model.state_dict().values():
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_replicas(model, dist: Dist) -> list:
+    """Every rank's weights digest; DDP keeps the replicas bit-identical, so a difference is a
+    bug (raised, with a traceback)."""
+    if not dist.active:
+        return []
+    digests = gather_objects(weights_digest(model), dist)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the ranks' weights diverged: {digests}")
+    return digests
+
+
+def all_finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def debug_step_delay():
+    """DPH_TEST_STEP_DELAY (seconds): sleep after each optimiser step. For tests only: it gives
+    a SIGKILL time to land mid-run; the numbers are unaffected."""
+    delay = float(os.environ.get("DPH_TEST_STEP_DELAY", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
+# ----------------------------------------------------------------------------------------------
+# --resume: the run's own config comes back with its state
+
+# Flags that may differ from the run being resumed; any other flag given with --resume must equal
+# the stored value (it would change the run). Unset flags are inherited from the stored run.
+RESUME_MAY_CHANGE = {"out", "overwrite", "resume", "save_every", "eval_every", "eval_batches",
+                     "eval_pairs", "device", "dtype", "compile", "data_dir", "batch_size"}
+
+
+def open_resume(cfg, argv=None):
+    """--resume: -> (cfg, state). state is the stored training state (model.RESUME in --out) and
+    cfg the stored config with the flags the user set on top; state None = start at step 0.
+
+    No RESUME file: start from step 0 when --out holds no checkpoint (a run killed before its
+    first save, or the first launch of a job that is requeued with the same command); an error
+    when it holds a checkpoint without resume state (it would be overwritten)."""
+    from model import CONFIG, RESUME, load_train_state
+    if not getattr(cfg, "resume", False):
+        return cfg, None
+    f = os.path.join(cfg.out, RESUME)
+    if not os.path.exists(f):
+        if os.path.exists(os.path.join(cfg.out, CONFIG)):
+            raise UsageError(f"--resume: {cfg.out} holds a checkpoint but no {RESUME} to resume "
+                             f"from; pass --overwrite to start again or --out to write elsewhere")
+        print(f"note: --resume: no {RESUME} in {cfg.out}; starting at step 0", file=sys.stderr)
+        return cfg, None
+    state = load_train_state(f)
+    saved, names = state["config"], {f.name for f in dataclasses.fields(cfg)}
+    merged = {k: v for k, v in saved.items() if k in names}
+    for name in sorted(explicit_flags(argv) & names):
+        new = getattr(cfg, name)
+        if name in RESUME_MAY_CHANGE:
+            merged[name] = new
+        elif name in saved and new != saved[name]:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"--resume: {flag} {new} differs from the run in {cfg.out} "
+                             f"({flag} {saved[name]}); drop the flag, or start a new run")
+    merged.update(out=cfg.out, resume=True)
+    return type(cfg)(**merged), state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,31 +424,90 @@ def make_optimizer(params, lr, betas=(0.9, 0.95), device=None):
 # Output directory and logging
 
 
-def prepare_out(path: str, overwrite: bool, marker: str = "config.json"):
-    """Refuse to write into a directory holding a previous run unless --overwrite."""
-    if os.path.exists(os.path.join(path, marker)) or os.path.exists(os.path.join(path, "metrics.jsonl")):
-        if not overwrite:
-            raise UsageError(f"{path} holds a previous run; pass --overwrite to replace it "
-                             f"or --out to write elsewhere")
-        for name in ("metrics.jsonl", marker):
+def load_init(path: str):
+    """A checkpoint to start from -> (model, config dict, ChatTokenizer). Its tokenizer must be
+    there and fit the model's embedding table."""
+    from data import ChatTokenizer
+    from model import TOKENIZER, CheckpointError, load_checkpoint
+    f = os.path.join(path, TOKENIZER)
+    if os.path.isdir(path) and not os.path.isfile(f):
+        raise CheckpointError(f"{f}: not found (a checkpoint carries its tokenizer)")
+    model, config = load_checkpoint(path)
+    try:
+        tok = ChatTokenizer.from_file(f)
+    except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{f}: not a usable tokenizer ({first})") from None
+    check_vocab(tok, model.cfg.vocab_size, f)
+    return model, config, tok
+
+
+def check_vocab(tok, vocab_size: int, where: str):
+    """A token id past the embedding table would index out of range mid-run: refuse up front."""
+    from model import CheckpointError
+    if len(tok) > vocab_size:
+        raise CheckpointError(f"{where}: {len(tok)} tokens, but the model has {vocab_size} "
+                              f"embedding rows (a tokenizer of another model?)")
+
+
+RUN_FILES = ("metrics.jsonl", "resume.pt")  # besides the marker: what marks a previous run
+
+
+def check_out(path: str, overwrite: bool, marker: str = "config.json"):
+    """Refuse a directory holding a previous run unless --overwrite; writes nothing, so the
+    scripts call it before their other checks and prepare_out only once the input is good."""
+    if any(os.path.exists(os.path.join(path, n)) for n in (marker, *RUN_FILES)) and not overwrite:
+        raise UsageError(f"{path} holds a previous run; pass --overwrite to replace it "
+                         f"or --out to write elsewhere")
+
+
+def prepare_out(path: str, overwrite: bool, marker: str = "config.json", keep: bool = False):
+    """Create the output directory. A previous run in it is refused unless --overwrite, which
+    removes its marker (config.json: without it the rest is not a checkpoint), metrics and
+    resume state. keep=True (--resume) keeps them. Temporary files of a killed writer go."""
+    if not keep:
+        check_out(path, overwrite, marker)
+        for name in (marker, *RUN_FILES):
             if os.path.exists(os.path.join(path, name)):
                 os.remove(os.path.join(path, name))
     os.makedirs(path, exist_ok=True)
+    for tmp in glob.glob(os.path.join(path, ".tmp-*")):
+        os.remove(tmp)
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per event, with step, split and time."""
+    """metrics.jsonl: one JSON object per event, with step, split and time. `resume_step`: drop
+    the records a resumed run will write again (steps from there on), keep the rest. `enabled`
+    False (ranks other than 0) writes nothing."""
 
-    def __init__(self, path: str):
-        self.path, self.t0 = path, time.time()
+    def __init__(self, path: str, resume_step: int = None, enabled: bool = True):
+        self.path, self.t0, self.enabled = path, time.time(), enabled
+        if enabled and resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                keep = [line for line in f if line.strip()
+                        and _keep_record(line, resume_step)]
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, path)
 
     def log(self, step: int, split: str, **values):
+        if not self.enabled:
+            return None
         rec = {"step": step, "split": split, "time": round(time.time() - self.t0, 3)}
         rec.update({k: (float(v) if isinstance(v, (torch.Tensor, np.floating)) else v)
                     for k, v in values.items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         return rec
+
+
+def _keep_record(line: str, resume_step: int) -> bool:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by a kill
+        return False
+    return rec.get("split") == "config" or rec.get("step", 0) < resume_step
 
 
 def check_finite(loss: torch.Tensor, step: int):

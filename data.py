@@ -1,4 +1,4 @@
-"""Tokenizer, chat rendering, packing and pair batching (SPEC §4 and §6; paper §4 "Training").
+"""Tokenizer, chat rendering, packing and pair batching (SPEC §4 and §6).
 
     ChatTokenizer            byte-level BPE with the chat tokens; trained here or GPT-2's vocabulary
     render, render_prompt    ChatML ids built piece by piece, with train mask, score mask, pool index

@@ -1,4 +1,4 @@
-"""Evaluation and inference-time alignment (SPEC §7; paper §5 results tables, §3.3 best-of-N).
+"""Evaluation and inference-time alignment (SPEC §7; the paper's results tables and best-of-N).
 
 For every candidate answer of every example, one forward pass gives four readouts:
 

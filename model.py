@@ -2,18 +2,20 @@
 
 Reading order, as in the paper:
 
-    ModelConfig, PRESETS      backbone shapes ("paper" = the 551M model's shape, §5.1 of the paper)
+    ModelConfig, PRESETS      backbone shapes ("paper" = the shape of the paper's 551M backbone)
     RMSNorm, rope, Attention  pre-norm decoder block pieces; SDPA with an optional boolean mask
     SwiGLU, Block             feed-forward and the residual block
     Transformer               embeddings tied to the LM head; returns the final normed hidden state
                               and computes LM logits only at the positions asked for
     attention_mask            block-diagonal (packing) and tree-shaped (shared prefix) masks
-    PreferenceHead            pooler f (identity | affine | swiglu) then r = wᵀ f(h), no bias (§3.1)
+    PreferenceHead            pooler f (identity | affine | swiglu) then r = wᵀ f(h), no bias (SPEC §2)
     DPHModel                  backbone + head; freeze_backbone(); the reward path never touches the
-                              LM head, so LM outputs are unchanged by head training (§3)
-    KVCache, generate         batched sampling of N answers for inference-time alignment (§3.3)
+                              LM head, so LM outputs are unchanged by head training
+    KVCache, generate         batched sampling of N answers for inference-time alignment (SPEC §7)
     save_checkpoint, load_checkpoint
                               a directory with weights (tensors only), config.json, tokenizer.json
+    save_train_state, load_train_state
+                              resume.pt beside them: everything --resume needs, in one file
 
 Shapes: B batch, T query length, S key length, C d_model, H heads, D head dim, V vocabulary.
 """
@@ -259,7 +261,7 @@ def attention_mask(doc_ids, branch_ids=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The preference head (paper §3.1): r = wᵀ f(h), f a pooler, no bias on w.
+# The preference head (the paper's "Direct Preference Heads"; SPEC §2): r = wᵀ f(h), f a pooler, no bias on w.
 
 
 class PreferenceHead(nn.Module):
@@ -429,6 +431,7 @@ def generate(model, prompt_ids, n=1, max_new_tokens=64, temperature=1.0, top_k=0
 # Checkpoints: a directory with model.pt (tensors only), config.json and tokenizer.json
 
 WEIGHTS, CONFIG, TOKENIZER = "model.pt", "config.json", "tokenizer.json"
+RESUME = "resume.pt"  # the training state of a run in progress (train_sft.py / train_dph.py)
 
 
 def _atomic_write(path, write):
@@ -447,7 +450,9 @@ def _atomic_write(path, write):
 def save_checkpoint(path, model: DPHModel, tokenizer_json: Optional[str] = None,
                     extra: Optional[dict] = None):
     """Write model weights (from the uncompiled module), config.json and tokenizer.json into the
-    directory `path`, each file atomically. `extra` (plain JSON) is stored in config.json."""
+    directory `path`, each file atomically (a temporary file, then os.replace). config.json goes
+    last: a directory with a config.json holds a complete checkpoint. `extra` (plain JSON) is
+    stored in config.json."""
     os.makedirs(path, exist_ok=True)
     raw = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     raw = getattr(raw, "module", raw)  # DistributedDataParallel wrapper
@@ -507,3 +512,25 @@ def load_checkpoint(path, device="cpu") -> tuple:
     except RuntimeError as e:
         raise CheckpointError(f"{f}: does not match {CONFIG} ({str(e).splitlines()[0]})") from None
     return model.to(device), config
+
+
+def save_train_state(path, state: dict):
+    """Write `state` (tensors and plain Python types only) to path/resume.pt in one atomic
+    replace: a kill leaves the previous resume.pt or the new one, never a mix of steps."""
+    os.makedirs(path, exist_ok=True)
+    _atomic_write(os.path.join(path, RESUME), lambda p: torch.save(state, p))
+
+
+def load_train_state(f) -> dict:
+    """Read a resume.pt with torch.load(weights_only=True): a pickle carrying code is refused."""
+    if not os.path.isfile(f):
+        raise CheckpointError(f"{f}: not found")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file or a pickle that is not plain tensors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{f}: cannot be loaded safely ({first})") from None
+    need = ("step", "config", "model", "optimizer")
+    if not isinstance(state, dict) or any(k not in state for k in need):
+        raise CheckpointError(f"{f}: not a training state (expected keys {', '.join(need)})")
+    return state

@@ -1,4 +1,4 @@
-"""Stage 2: Direct Preference Head training (SPEC §3; paper §3.2 objectives, §4.2 alignment).
+"""Stage 2: Direct Preference Head training (SPEC §3; the paper's alignment stage).
 
 Loads an SFT checkpoint, adds the preference head (pooler + w, no bias) and trains on
 (prompt, chosen, rejected) pairs: choice tasks give chosen = the gold answer and rejected = a
@@ -13,11 +13,13 @@ model). The backbone is pulled toward its SFT weights; the head decays toward ze
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 
@@ -29,8 +31,8 @@ from common import UsageError, opt
 from data import (ChatTokenizer, TaskSampler, apply_label_noise, collate_choices, make_pairs,
                   score_choices)
 from losses import dph_loss, dpo_loss, reward_penalty
-from model import PreferenceHead, load_checkpoint, save_checkpoint
-from tasks import resolve_tasks
+from model import DPHModel, ModelConfig, PreferenceHead, save_checkpoint, save_train_state
+from tasks import TaskError, resolve_tasks
 
 PAIR_KINDS = ("choice", "preference")
 
@@ -75,6 +77,9 @@ class DPHConfig:
     device: str = opt("auto", "auto | cpu | cuda | mps")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (autocast)")
     compile: bool = opt(False, "torch.compile the model")
+    save_every: int = opt(100, "steps between resumable checkpoints in --out (0: at the end only)")
+    resume: bool = opt(False, "continue the run in --out from its last checkpoint; unset flags "
+                              "come from that run (starts at step 0 if there is none yet)")
 
 
 def validate(cfg: DPHConfig):
@@ -88,6 +93,8 @@ def validate(cfg: DPHConfig):
     for name in ("batch_size", "grad_accum", "max_steps"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.save_every < 0 or cfg.max_len < 0:
+        raise UsageError("--save-every and --max-len must be >= 0")
     if cfg.dpo_weight < 0 or cfg.reward_penalty < 0:
         raise UsageError("--dpo-weight and --reward-penalty must be >= 0")
     if not 0 <= cfg.label_noise <= 1:
@@ -134,35 +141,68 @@ def validation_rewards(model, items, cfg, device, dtype):
             "rewards/margins": (c - r).mean().item(), "pairs": len(c)}
 
 
+def check_fit(tok, train: dict, max_len: int, sample: int = 256):
+    """Pairs whose answers cannot fit in max_len tokens (after cutting the prompt from the left)
+    are skipped. When more than half of a task's first `sample` examples would be, that is an
+    error (--max-len too small); when some would, a note."""
+    rng = random.Random(0)  # its own generator: the training draws stay untouched
+    for name, exs in train.items():
+        probe = exs[:sample]
+        dropped = len(probe) - len(make_pairs(tok, probe, rng, max_len))
+        if 2 * dropped > len(probe):
+            raise UsageError(f"--max-len {max_len} is too small for {name}: {dropped} of its first "
+                             f"{len(probe)} examples cannot fit their answers")
+        if dropped:
+            print(f"note: {name}: {dropped} of the first {len(probe)} examples do not fit in "
+                  f"{max_len} tokens and are skipped", file=sys.stderr)
+
+
 def main(argv=None):
     cfg, _ = common.parse_config(DPHConfig, __doc__.splitlines()[0], argv)
+    cfg, state = common.open_resume(cfg, argv)  # --resume: the stored config and training state
     validate(cfg)
+    dist, device = common.init_distributed(cfg.device)
     common.seed_everything(cfg.seed)
-    device = common.resolve_device(cfg.device)
     dtype = common.resolve_dtype(cfg.dtype, device)
+    common.check_out(cfg.out, cfg.overwrite or cfg.resume)  # nothing is written before the input
+    global_batch = dist.world * cfg.batch_size  # is checked; then rank 0 alone writes
+    if state is not None and state["global_batch"] != global_batch:
+        raise UsageError(f"--resume: {dist.world} process(es) x --batch-size {cfg.batch_size} is "
+                         f"not the global batch {state['global_batch']} of the run in {cfg.out}")
 
-    model, prior = load_checkpoint(cfg.init)  # the tokenizer and model shape come along
-    tok = ChatTokenizer.from_file(os.path.join(cfg.init, "tokenizer.json"))
+    if state is not None:  # the run's own tokenizer, model with head, starting weights
+        from tokenizers import Tokenizer
+        tok = ChatTokenizer(Tokenizer.from_str(state["tokenizer"]))
+        model = DPHModel(ModelConfig.from_dict(state["model_config"]), head=state["head"])
+        model.load_state_dict(state["init"])
+        prior = state["prior"]
+        print(f"resuming {cfg.out} at step {state['step']} of {cfg.max_steps}")
+    else:
+        model, prior, tok = common.load_init(cfg.init)  # the tokenizer and shape come along
     tasks = cfg.tasks or ",".join(prior.get("sft", {}).get("tasks", ["builtin"]))
     specs = [s for s in resolve_tasks(tasks) if s.kind in PAIR_KINDS]
     if not specs:
         raise UsageError(f"--tasks {tasks}: no choice or preference task to make pairs from")
-    common.prepare_out(cfg.out, cfg.overwrite)
+    if cfg.max_len > model.cfg.max_seq_len:
+        raise UsageError(f"--max-len {cfg.max_len} exceeds the model's context "
+                         f"{model.cfg.max_seq_len}")
     max_len = cfg.max_len or model.cfg.max_seq_len
 
     train = common.load_split(specs, "train", cfg.data_dir, cfg.data_seed, limit=cfg.max_examples)
     if cfg.label_noise:
         train = {k: apply_label_noise(v, cfg.label_noise, cfg.seed) for k, v in train.items()}
+    check_fit(tok, train, max_len)
     val = common.load_split(specs, "validation", cfg.data_dir, cfg.data_seed, required=False)
     val_exs = [ex for exs in val.values() for ex in exs]
     random.Random(cfg.seed).shuffle(val_exs)
     val_items = make_pairs(tok, val_exs, random.Random(12345), max_len)[:cfg.eval_pairs]
 
-    model.cfg.dropout = 0.0  # dropout is off in this stage (pooler dropout is the head's own)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    model.add_head(cfg.pooler, cfg.pooler_dropout)
+    if state is None:
+        model.cfg.dropout = 0.0  # dropout is off in this stage (pooler dropout is the head's own)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        model.add_head(cfg.pooler, cfg.pooler_dropout)
     model.to(device).train()
     use_dpo = cfg.dpo_weight > 0 and not cfg.freeze_backbone
     if cfg.freeze_backbone:
@@ -174,8 +214,14 @@ def main(argv=None):
         ref = copy.deepcopy(model.lm).eval().requires_grad_(False)
     common.print_config(cfg, "config")
     print(f"model: {model.describe()}; tasks: {', '.join(s.name for s in specs)}; "
-          f"{sum(map(len, train.values()))} training examples; device {device}, {dtype}")
+          f"{sum(map(len, train.values()))} training examples; device {device}, {dtype}" +
+          (f"; {dist.world} processes ({dist.backend}), global batch {global_batch} pairs"
+           if dist.active else ""))
 
+    # the starting weights (SFT backbone + fresh head): anchors of the prior regularisation and
+    # the cDPO reference, stored for --resume so that it does not depend on --init staying put
+    init_weights = state["init"] if state is not None else \
+        {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     head_params = list(model.head.parameters())
     groups = [{"params": head_params, "lr_peak": cfg.head_lr}]
     if not cfg.freeze_backbone:
@@ -184,55 +230,125 @@ def main(argv=None):
                              betas=(0.9, 0.95), weight_decay=0.0)
     reg = common.PriorRegularizer(model.named_parameters(), cfg.prior_decay, cfg.head_decay,
                                   no_prior=("head.",))
-    fwd = torch.compile(model) if cfg.compile else model
-    log = common.MetricsLog(os.path.join(cfg.out, "metrics.jsonl"))
-    log.log(0, "config", **dataclasses.asdict(cfg))
-
+    # Every rank draws the same global batch of pairs and trains on its own share of it, so the
+    # run is the same (up to float rounding) for any number of processes with one global batch.
     sampler = TaskSampler(train, cfg.seed)
     pair_rng = random.Random(cfg.seed + 1)  # rejected answers: a fresh draw at every visit
-    v = {}  # the last validation result
-    bar = tqdm(range(cfg.max_steps), desc=f"dph/{cfg.loss}", dynamic_ncols=True)
-    t_start, pairs_seen = time.time(), 0
-    for step in bar:
-        scale = common.lr_at(step, 1.0, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        for g, spec in zip(opt_.param_groups, groups):
-            g["lr"] = spec["lr_peak"] * scale
-        agg = {}
-        for _ in range(cfg.grad_accum):
-            items = []
-            while len(items) < cfg.batch_size:
-                items += make_pairs(tok, sampler.draw(1), pair_rng, max_len)
-            batch = collate_choices(items, cfg.layout, tok.pad).to(device)
-            loss, metrics = pair_loss(fwd, ref, batch, cfg, device, dtype, use_dpo)
-            (loss / cfg.grad_accum).backward()
-            pairs_seen += len(items)
-            for k, v in {"loss": loss.detach(), **metrics}.items():
-                agg[k] = agg.get(k, 0.0) + float(v) / cfg.grad_accum
-        if not math.isfinite(agg["loss"]):
-            raise FloatingPointError(f"non-finite loss at step {step}; nothing was saved")
-        gnorm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], cfg.grad_clip or float("inf"))
-        opt_.step()
-        reg.step(cfg.lr * scale, cfg.head_lr * scale)
-        opt_.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{agg['loss']:.3f}", acc=f"{agg['rewards/accuracies']:.2f}",
-                        pairs_s=f"{pairs_seen / (time.time() - t_start):.1f}")
-        if step % 10 == 0 or step == cfg.max_steps - 1:
-            log.log(step, "train", grad_norm=float(gnorm), **agg)
-        if val_items and ((step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1):
-            v = validation_rewards(fwd, val_items, cfg, device, dtype)
-            log.log(step, "validation", **v)
-            tqdm.write(f"step {step + 1}: validation reward accuracy {v['rewards/accuracies']:.3f}, "
-                       f"margin {v['rewards/margins']:.2f}")
+    start, pairs_seen, seconds_before, last_val = 0, 0, 0.0, {}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt_.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["data"])
+        common.set_plain_random_state(pair_rng, state["pair_rng"])
+        common.set_rng_state(state["rng"][dist.rank % len(state["rng"])], device)
+        start, pairs_seen, seconds_before = state["step"], state["pairs"], state["seconds"]
+        last_val = state["validation"]
+    elif dist.active:
+        torch.manual_seed(cfg.seed + 7919 * dist.rank)  # dropout masks differ between ranks
+    ddp = common.wrap_ddp(model, dist, device)
+    fwd = torch.compile(ddp) if cfg.compile else ddp
+    val_fwd = model if dist.active else fwd  # validation runs on rank 0 alone, outside DDP
 
-    elapsed = time.time() - t_start
-    summary = {"tasks": [s.name for s in specs], "pairs": pairs_seen, "seconds": round(elapsed, 1),
-               "validation": v}
-    save_checkpoint(cfg.out, model, tok.to_json(),
-                    extra={"stage": "dph", "sft": prior.get("sft", {}),
-                           "dph": {**dataclasses.asdict(cfg), **summary}})
+    common.barrier(dist)  # every rank has checked its input; now rank 0 writes
+    if dist.main:
+        common.prepare_out(cfg.out, cfg.overwrite or cfg.resume, keep=state is not None)
+    log = common.MetricsLog(os.path.join(cfg.out, "metrics.jsonl"),
+                            resume_step=start if state is not None else None, enabled=dist.main)
+    log.log(start, "config" if state is None else "resume", **dataclasses.asdict(cfg))
+    last_saved = start if state is not None else None
+
+    def kept():
+        return (f"; {cfg.out} keeps the checkpoint of step {last_saved}" if last_saved
+                else "; no checkpoint was saved")
+
+    def save(done):
+        """resume.pt first (complete or absent), then model.pt, tokenizer.json, config.json."""
+        if not common.all_finite(model):
+            raise FloatingPointError(f"non-finite weights after step {done}; stopped" + kept())
+        digests = common.check_replicas(model, dist)
+        rngs = common.gather_objects(common.rng_state(device), dist)
+        if not dist.main:
+            return
+        seconds = seconds_before + time.time() - t_start
+        sampler_state = sampler.state_dict()
+        sampler_state["rng"] = common.plain_random_state(sampler.rng)
+        save_train_state(cfg.out, {
+            "stage": "dph", "step": done, "config": dataclasses.asdict(cfg),
+            "world_size": dist.world, "global_batch": global_batch,
+            "model_config": dataclasses.asdict(model.cfg), "head": model.head_cfg,
+            "model": model.state_dict(), "init": init_weights, "optimizer": opt_.state_dict(),
+            "data": sampler_state, "pair_rng": common.plain_random_state(pair_rng), "rng": rngs,
+            "tokenizer": tok.to_json(), "prior": prior, "pairs": pairs_seen,
+            "seconds": seconds, "validation": last_val})
+        summary = {"tasks": [s.name for s in specs], "steps": done, "pairs": pairs_seen,
+                   "seconds": round(seconds, 1), "validation": last_val}
+        extra = {"stage": "dph", "sft": prior.get("sft", {}),
+                 "dph": {**dataclasses.asdict(cfg), **summary}}
+        if dist.active:
+            extra["distributed"] = {"world_size": dist.world, "backend": dist.backend,
+                                    "replica_sha256": digests}
+        save_checkpoint(cfg.out, model, tok.to_json(), extra=extra)
+
+    bar = tqdm(range(start, cfg.max_steps), desc=f"dph/{cfg.loss}", dynamic_ncols=True,
+               initial=start, total=cfg.max_steps, disable=not dist.main)
+    t_start, pairs_run = time.time(), 0
+    try:
+        for step in bar:
+            scale = common.lr_at(step, 1.0, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+            for g, spec in zip(opt_.param_groups, groups):
+                g["lr"] = spec["lr_peak"] * scale
+            agg = {}
+            for micro in range(cfg.grad_accum):
+                items, misses = [], 0
+                while len(items) < global_batch:  # the global batch of pairs
+                    new = make_pairs(tok, sampler.draw(1), pair_rng, max_len)
+                    misses = 0 if new else misses + 1
+                    if misses == 1000:
+                        raise TaskError(f"1000 examples in a row do not fit in {max_len} tokens; "
+                                        f"raise --max-len")
+                    items += new
+                batch = collate_choices(items[dist.rank::dist.world], cfg.layout,
+                                        tok.pad).to(device)
+                last = micro == cfg.grad_accum - 1
+                with contextlib.nullcontext() if last or not dist.active else ddp.no_sync():
+                    loss, metrics = pair_loss(fwd, ref, batch, cfg, device, dtype, use_dpo)
+                    (loss / cfg.grad_accum).backward()
+                pairs_seen += len(items)
+                pairs_run += len(items)
+                for k, x in {"loss": loss.detach(), **metrics}.items():
+                    agg[k] = agg.get(k, 0.0) + float(x) / cfg.grad_accum
+            agg = common.all_mean(agg, dist)  # every rank holds an equal share of the pairs
+            if not math.isfinite(agg["loss"]):
+                raise FloatingPointError(f"non-finite training loss ({agg['loss']}) at step "
+                                         f"{step + 1}; stopped" + kept())
+            gnorm = torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], cfg.grad_clip or float("inf"))
+            opt_.step()
+            reg.step(cfg.lr * scale, cfg.head_lr * scale)
+            opt_.zero_grad(set_to_none=True)
+            done = step + 1
+            bar.set_postfix(loss=f"{agg['loss']:.3f}", acc=f"{agg['rewards/accuracies']:.2f}",
+                            pairs_s=f"{pairs_run / (time.time() - t_start):.1f}")
+            if step % 10 == 0 or done == cfg.max_steps:
+                log.log(step, "train", grad_norm=float(gnorm), **agg)
+            if dist.main and val_items and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+                last_val = validation_rewards(val_fwd, val_items, cfg, device, dtype)
+                log.log(step, "validation", **last_val)
+                tqdm.write(f"step {done}: validation reward accuracy "
+                           f"{last_val['rewards/accuracies']:.3f}, "
+                           f"margin {last_val['rewards/margins']:.2f}")
+            if done == cfg.max_steps or (cfg.save_every and done % cfg.save_every == 0):
+                save(done)
+                last_saved = done
+            common.debug_step_delay()
+    finally:
+        bar.close()
+    if start == cfg.max_steps:  # resumed a finished run: write the checkpoint again
+        save(cfg.max_steps)
+
+    elapsed = seconds_before + time.time() - t_start
     print(f"saved {cfg.out}: {pairs_seen} pairs in {elapsed:.0f}s" + (
-        f"; validation reward accuracy {v['rewards/accuracies']:.3f}" if v else ""))
+        f"; validation reward accuracy {last_val['rewards/accuracies']:.3f}" if last_val else ""))
     return 0
 
 

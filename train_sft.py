@@ -1,4 +1,4 @@
-"""Stage 1: supervised fine-tuning (SPEC §3 "SFT loss", §6 batching; paper §4.1).
+"""Stage 1: supervised fine-tuning (SPEC §3 "SFT loss", §6 batching; the paper's SFT stage).
 
 The model learns to answer every task in the mixture: token cross-entropy on the assistant content
 and its <|im_end|> only, over conversations packed into rows of seq_len with a block-diagonal
@@ -11,10 +11,12 @@ and pulls the weights toward that starting point (prior regularisation, λ = --p
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -23,10 +25,11 @@ from tqdm import tqdm
 
 import common
 from common import UsageError, opt
-from data import ChatTokenizer, SFTStream, apply_label_noise, training_text
+from data import (IGNORE, ChatTokenizer, PackedBatch, SFTStream, apply_label_noise, sft_document,
+                  training_text)
 from losses import sft_loss
-from model import DPHModel, load_checkpoint, padded_vocab, preset, save_checkpoint
-from tasks import resolve_tasks
+from model import DPHModel, ModelConfig, padded_vocab, preset, save_checkpoint, save_train_state
+from tasks import TextExample, resolve_tasks
 
 
 @dataclass
@@ -62,6 +65,9 @@ class SFTConfig:
     device: str = opt("auto", "auto | cpu | cuda | mps")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (autocast)")
     compile: bool = opt(False, "torch.compile the model")
+    save_every: int = opt(100, "steps between resumable checkpoints in --out (0: at the end only)")
+    resume: bool = opt(False, "continue the run in --out from its last checkpoint; unset flags "
+                              "come from that run (starts at step 0 if there is none yet)")
 
 
 def validate(cfg: SFTConfig):
@@ -72,6 +78,10 @@ def validate(cfg: SFTConfig):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if not 0 <= cfg.label_noise <= 1:
         raise UsageError(f"--label-noise must be in [0, 1], got {cfg.label_noise}")
+    if cfg.init and cfg.tokenizer:
+        raise UsageError("--tokenizer: a run with --init uses the checkpoint's own tokenizer")
+    if cfg.save_every < 0:
+        raise UsageError(f"--save-every must be >= 0, got {cfg.save_every}")
     if cfg.seq_len < 32:
         raise UsageError(f"--seq-len {cfg.seq_len} is too small for a conversation")
 
@@ -99,14 +109,45 @@ def step_loss(model, b, device, dtype):
     return sft_loss(out.logits.float(), tgt[where])
 
 
+def check_fit(tok, train: dict, seq_len: int, sample: int = 256):
+    """--seq-len too small for the answers: a conversation whose last answer (with its header and
+    <|im_end|>) cannot fit in a row is dropped (its prompt is cut from the left first). When more
+    than half of a task's first `sample` examples would be dropped that is an error; when some
+    would, a note."""
+    for name, exs in train.items():
+        probe = [ex for ex in exs[:sample] if not isinstance(ex, TextExample)]
+        dropped = sum(sft_document(tok, [ex], seq_len) is None for ex in probe)
+        if 2 * dropped > len(probe):
+            raise UsageError(f"--seq-len {seq_len} is too small for {name}: {dropped} of its first "
+                             f"{len(probe)} examples cannot fit their answer in a row")
+        if dropped:
+            print(f"note: {name}: {dropped} of the first {len(probe)} examples do not fit in "
+                  f"--seq-len {seq_len} and are skipped", file=sys.stderr)
+
+
+def shard(b: PackedBatch, dist: common.Dist) -> PackedBatch:
+    """This rank's rows of a global batch: rows rank, rank + world, ... (strided, so that every
+    rank gets rows of similar fullness). One process: the whole batch."""
+    if not dist.active:
+        return b
+    rows = slice(dist.rank, None, dist.world)
+    idx, tgt, pos, doc = (t[rows].contiguous() for t in (b.idx, b.targets, b.pos, b.doc))
+    return PackedBatch(idx, tgt, pos, doc, int((doc >= 0).sum()))
+
+
 def main(argv=None):
     cfg, _ = common.parse_config(SFTConfig, __doc__.splitlines()[0], argv)
+    cfg, state = common.open_resume(cfg, argv)  # --resume: the stored config and training state
     validate(cfg)
+    dist, device = common.init_distributed(cfg.device)
     common.seed_everything(cfg.seed)
-    device = common.resolve_device(cfg.device)
     dtype = common.resolve_dtype(cfg.dtype, device)
     specs = resolve_tasks(cfg.tasks)
-    common.prepare_out(cfg.out, cfg.overwrite)
+    common.check_out(cfg.out, cfg.overwrite or cfg.resume)  # nothing is written before the input
+    global_batch = dist.world * cfg.batch_size  # is checked; then rank 0 alone writes
+    if state is not None and state["global_batch"] != global_batch:
+        raise UsageError(f"--resume: {dist.world} process(es) x --batch-size {cfg.batch_size} is "
+                         f"not the global batch {state['global_batch']} of the run in {cfg.out}")
 
     t0 = time.time()
     train = common.load_split(specs, "train", cfg.data_dir, cfg.data_seed, limit=cfg.max_examples)
@@ -115,17 +156,28 @@ def main(argv=None):
     val = common.load_split(specs, "validation", cfg.data_dir, cfg.data_seed, limit=200,
                             required=False)
 
-    if cfg.init:  # continue from a checkpoint: its tokenizer and shape come along
-        model, prior = load_checkpoint(cfg.init)
-        tok = ChatTokenizer.from_file(os.path.join(cfg.init, "tokenizer.json"))
+    if state is not None:  # the run's own tokenizer, shape and starting weights
+        from tokenizers import Tokenizer
+        tok = ChatTokenizer(Tokenizer.from_str(state["tokenizer"]))
+        model = DPHModel(ModelConfig.from_dict(state["model_config"]))
+        if state["init"] is not None:
+            model.load_state_dict(state["init"])
+        print(f"resuming {cfg.out} at step {state['step']} of {cfg.max_steps}")
+    elif cfg.init:  # continue from a checkpoint: its tokenizer and shape come along
+        model, prior, tok = common.load_init(cfg.init)
         inherited = prior.get("sft", {})
         print(f"continuing from {cfg.init} ({inherited.get('tasks', 'unknown tasks')})")
     else:
         if cfg.tokenizer:
             tok = ChatTokenizer.from_pretrained_files(cfg.tokenizer)
-        else:
+        elif not dist.active:
             texts = [t for exs in train.values() for t in training_text(exs)]
             tok = ChatTokenizer.train(texts, cfg.vocab_size)
+        else:  # trained once, on rank 0, so that every rank surely has the same vocabulary
+            from tokenizers import Tokenizer
+            texts = [t for exs in train.values() for t in training_text(exs)] if dist.main else []
+            tok_json = ChatTokenizer.train(texts, cfg.vocab_size).to_json() if dist.main else None
+            tok = ChatTokenizer(Tokenizer.from_str(common.broadcast_object(tok_json, dist)))
         mcfg = preset(cfg.preset, vocab_size=max(padded_vocab(len(tok)),
                                                  preset(cfg.preset).vocab_size
                                                  if cfg.preset == "paper" else 0),
@@ -136,62 +188,140 @@ def main(argv=None):
     if cfg.seq_len > model.cfg.max_seq_len:
         raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's context "
                          f"{model.cfg.max_seq_len}")
+    check_fit(tok, train, cfg.seq_len)
     model.to(device).train()
     common.print_config(cfg, "config")
     print(f"model: {model.describe()}; vocabulary {len(tok)}; device {device}, {dtype}; "
-          f"data ready in {time.time() - t0:.1f}s")
+          f"data ready in {time.time() - t0:.1f}s" +
+          (f"; {dist.world} processes ({dist.backend}), global batch {global_batch} rows"
+           if dist.active else ""))
 
-    stream = SFTStream(tok, train, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.kshot,
+    # Every rank draws the same global batch and trains on its own rows of it, so the run is the
+    # same (up to float rounding) for any number of processes with the same global batch.
+    stream = SFTStream(tok, train, cfg.seq_len, global_batch, cfg.seed, cfg.kshot,
                        cfg.proportional)
     val_stream = SFTStream(tok, val, cfg.seq_len, cfg.batch_size, cfg.seed + 1, cfg.kshot) \
-        if val else None
-    opt_ = common.make_optimizer(model.parameters(), cfg.lr, device=device)
+        if val and dist.main else None
+    # the starting weights: anchors of the prior regularisation, stored for --resume
+    init_weights = state["init"] if state is not None else (
+        {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if cfg.init else None)
     reg = common.PriorRegularizer(model.named_parameters(),
                                   cfg.prior_decay if cfg.init else 0.0,
                                   0.0 if cfg.init else cfg.weight_decay,
                                   no_prior=() if cfg.init else ("",))
-    fwd = torch.compile(model) if cfg.compile else model
-    log = common.MetricsLog(os.path.join(cfg.out, "metrics.jsonl"))
-    log.log(0, "config", **dataclasses.asdict(cfg))
+    opt_ = common.make_optimizer(model.parameters(), cfg.lr, device=device)
+    start, tokens_seen, seconds_before = 0, 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt_.load_state_dict(state["optimizer"])
+        stream.load_state_dict(state["data"])
+        if val_stream is not None and state.get("val_data") is not None:
+            val_stream.load_state_dict(state["val_data"])
+        common.set_rng_state(state["rng"][dist.rank % len(state["rng"])], device)
+        start, tokens_seen, seconds_before = state["step"], state["tokens"], state["seconds"]
+    elif dist.active:
+        torch.manual_seed(cfg.seed + 7919 * dist.rank)  # dropout masks differ between ranks
+    ddp = common.wrap_ddp(model, dist, device)
+    fwd = torch.compile(ddp) if cfg.compile else ddp
+    val_fwd = model if dist.active else fwd  # validation runs on rank 0 alone, outside DDP
 
-    bar = tqdm(range(cfg.max_steps), desc="sft", dynamic_ncols=True)
-    tokens_seen, t_start = 0, time.time()
-    for step in bar:
-        lr = common.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        for g in opt_.param_groups:
-            g["lr"] = lr
-        loss_sum = 0.0
-        for _ in range(cfg.grad_accum):
-            b = stream.next_batch()
-            loss, m = step_loss(fwd, b, device, dtype)
-            (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach()) / cfg.grad_accum
-            tokens_seen += b.tokens
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"non-finite loss at step {step}; nothing was saved")
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        opt_.step()
-        reg.step(lr)
-        opt_.zero_grad(set_to_none=True)
-        tps = tokens_seen / (time.time() - t_start)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}")
-        if step % 10 == 0 or step == cfg.max_steps - 1:
-            log.log(step, "train", loss=loss_sum, lr=lr, grad_norm=float(gnorm), tokens=tokens_seen,
-                    tokens_per_s=tps, packing=stream.efficiency)
-        if val_stream and ((step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1):
-            vl = validation_loss(fwd, val_stream, cfg.eval_batches, device, dtype)
-            log.log(step, "validation", loss=vl)
-            tqdm.write(f"step {step + 1}: train loss {loss_sum:.3f}, validation loss {vl:.3f}")
+    common.barrier(dist)  # every rank has checked its input; now rank 0 writes
+    if dist.main:
+        common.prepare_out(cfg.out, cfg.overwrite or cfg.resume, keep=state is not None)
+    log = common.MetricsLog(os.path.join(cfg.out, "metrics.jsonl"),
+                            resume_step=start if state is not None else None, enabled=dist.main)
+    log.log(start, "config" if state is None else "resume", **dataclasses.asdict(cfg))
+    last_saved = start if state is not None else None
 
-    elapsed = time.time() - t_start
-    summary = {"tasks": [s.name for s in specs], "steps": cfg.max_steps, "tokens": tokens_seen,
-               "seconds": round(elapsed, 1), "packing_efficiency": round(stream.efficiency, 4),
-               "dropped_documents": stream.stats["dropped"]}
-    save_checkpoint(cfg.out, model, tok.to_json(),
-                    extra={"stage": "sft", "sft": {**dataclasses.asdict(cfg), **summary}})
+    def kept():
+        return (f"; {cfg.out} keeps the checkpoint of step {last_saved}" if last_saved
+                else "; no checkpoint was saved")
+
+    def save(done):
+        """resume.pt first (complete or absent), then model.pt, tokenizer.json, config.json."""
+        if not common.all_finite(model):
+            raise FloatingPointError(f"non-finite weights after step {done}; stopped" + kept())
+        digests = common.check_replicas(model, dist)
+        rngs = common.gather_objects(common.rng_state(device), dist)
+        if not dist.main:
+            return
+        data = stream.state_dict()
+        data["sampler"]["rng"] = common.plain_random_state(stream.sampler.rng)
+        save_train_state(cfg.out, {
+            "stage": "sft", "step": done, "config": dataclasses.asdict(cfg),
+            "world_size": dist.world, "global_batch": global_batch,
+            "model_config": dataclasses.asdict(model.cfg), "model": model.state_dict(),
+            "init": init_weights, "optimizer": opt_.state_dict(), "data": data,
+            "val_data": val_stream.state_dict() if val_stream is not None else None,
+            "rng": rngs, "tokenizer": tok.to_json(), "tokens": tokens_seen,
+            "seconds": seconds_before + time.time() - t_start})
+        summary = {"tasks": [s.name for s in specs], "steps": done, "tokens": tokens_seen,
+                   "seconds": round(seconds_before + time.time() - t_start, 1),
+                   "packing_efficiency": round(stream.efficiency, 4),
+                   "dropped_documents": stream.stats["dropped"]}
+        extra = {"stage": "sft", "sft": {**dataclasses.asdict(cfg), **summary}}
+        if dist.active:
+            extra["distributed"] = {"world_size": dist.world, "backend": dist.backend,
+                                    "replica_sha256": digests}
+        save_checkpoint(cfg.out, model, tok.to_json(), extra=extra)
+
+    bar = tqdm(range(start, cfg.max_steps), desc="sft", dynamic_ncols=True, initial=start,
+               total=cfg.max_steps, disable=not dist.main)
+    t_start, tokens_run = time.time(), 0
+    try:
+        for step in bar:
+            lr = common.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+            for g in opt_.param_groups:
+                g["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                b = stream.next_batch()  # the global batch
+                mine = shard(b, dist)
+                # DDP averages the ranks' gradients; weighting each rank's token mean by its share
+                # of the global batch's tokens makes that average the global token mean
+                scale = 1.0 if not dist.active else dist.world * int(
+                    (mine.targets != IGNORE).sum()) / max(1, int((b.targets != IGNORE).sum()))
+                last = micro == cfg.grad_accum - 1
+                with contextlib.nullcontext() if last or not dist.active else ddp.no_sync():
+                    loss, m = step_loss(fwd, mine, device, dtype)
+                    if dist.active:
+                        loss = loss * scale
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += float(loss.detach()) / cfg.grad_accum
+                tokens_seen += b.tokens
+                tokens_run += b.tokens
+            loss_sum = common.all_mean({"loss": loss_sum}, dist)["loss"]
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(f"non-finite training loss ({loss_sum}) at step "
+                                         f"{step + 1}; stopped" + kept())
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   cfg.grad_clip or float("inf"))
+            opt_.step()
+            reg.step(lr)
+            opt_.zero_grad(set_to_none=True)
+            done = step + 1
+            tps = tokens_run / (time.time() - t_start)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}")
+            if step % 10 == 0 or done == cfg.max_steps:
+                log.log(step, "train", loss=loss_sum, lr=lr, grad_norm=float(gnorm),
+                        tokens=tokens_seen, tokens_per_s=tps, packing=stream.efficiency)
+            if val_stream and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+                vl = validation_loss(val_fwd, val_stream, cfg.eval_batches, device, dtype)
+                log.log(step, "validation", loss=vl)
+                tqdm.write(f"step {done}: train loss {loss_sum:.3f}, validation loss {vl:.3f}")
+            if done == cfg.max_steps or (cfg.save_every and done % cfg.save_every == 0):
+                save(done)
+                last_saved = done
+            common.debug_step_delay()
+    finally:
+        bar.close()
+    if start == cfg.max_steps:  # resumed a finished run: write the checkpoint again
+        save(cfg.max_steps)
+
+    elapsed = seconds_before + time.time() - t_start
     print(f"saved {cfg.out}: {tokens_seen:,} tokens in {elapsed:.0f}s "
-          f"({tokens_seen / elapsed:,.0f} tok/s), packing efficiency {stream.efficiency:.1%}, "
-          f"{stream.stats['dropped']} documents too long")
+          f"({tokens_seen / max(elapsed, 1e-9):,.0f} tok/s), packing efficiency "
+          f"{stream.efficiency:.1%}, {stream.stats['dropped']} documents too long")
     return 0
 
 
