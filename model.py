@@ -134,12 +134,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, S, D), S = cached + T
         drop = self.dropout if self.training else 0.0
-        if mask is None and cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        if mask is None:  # plain causal (no cache, or an empty one); or one new token after a
+            # cache, which sees every cached key: no mask at all. Transformer.forward builds the
+            # mask for the remaining case (several new tokens after cached ones) once per call.
+            causal = True if cache is None else bool(T > 1)  # (a python bool under compile)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=causal)
         else:
-            if mask is None:  # decoding with a cache: attend to every cached key and causally
-                S = k.shape[2]  # within the new tokens
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -216,11 +216,18 @@ class Transformer(nn.Module):
         if pos is None:
             start = cache.length if cache is not None else 0
             pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
-        if int(pos.max()) >= self.cfg.max_seq_len:
+        # (skipped under torch.compile: int() of a tensor breaks the graph and specialises on the
+        # value, so every packed batch with a new longest document would recompile)
+        if not torch.compiler.is_compiling() and int(pos.max()) >= self.cfg.max_seq_len:
             raise ValueError(f"position {int(pos.max())} exceeds max_seq_len {self.cfg.max_seq_len}")
         rot = self.rope[pos].unsqueeze(1)  # (B, 1, T, D/2) complex
         if mask is not None and mask.dim() == 3:
             mask = mask.unsqueeze(1)  # broadcast over heads
+        if mask is None and cache is not None and 0 < cache.length and T > 1:
+            # a chunk after cached tokens: every cached key, causal within the chunk; built once
+            # here rather than in every layer
+            S = cache.length + T
+            mask = torch.ones(T, S, dtype=torch.bool, device=idx.device).tril(S - T)
         x = self.drop(self.embed(idx))
         for i, block in enumerate(self.blocks):
             x = block(x, rot, mask, cache, i)

@@ -58,13 +58,13 @@ class DPHConfig:
     pooler_dropout: float = opt(0.0, "dropout inside the pooler")
     layout: str = opt("shared", "shared: prompt once, answers as branches; padded: a row each",
                       ["shared", "padded"])
-    batch_size: int = opt(32, "pairs per micro-batch")
+    batch_size: int = opt(16, "pairs per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimiser step")
-    max_steps: int = opt(300, "optimiser steps")
+    max_steps: int = opt(150, "optimiser steps")
     lr: float = opt(5e-4, "peak learning rate of the backbone")
-    head_lr: float = opt(2e-3, "peak learning rate of the head and pooler")
+    head_lr: float = opt(1e-3, "peak learning rate of the head and pooler")
     min_lr_ratio: float = opt(0.1, "final learning rate / peak")
-    warmup_steps: int = opt(30, "linear warmup steps")
+    warmup_steps: int = opt(15, "linear warmup steps")
     prior_decay: float = opt(0.5, "decay of the backbone toward the SFT weights")
     head_decay: float = opt(0.1, "decay of the head and pooler toward zero")
     grad_clip: float = opt(1.0, "clip the gradient norm (0: off)")
@@ -196,6 +196,10 @@ def main(argv=None):
     val_exs = [ex for exs in val.values() for ex in exs]
     random.Random(cfg.seed).shuffle(val_exs)
     val_items = make_pairs(tok, val_exs, random.Random(12345), max_len)[:cfg.eval_pairs]
+    # a fixed sample of training pairs: reward accuracy on them before and after training
+    train_exs = [ex for exs in train.values() for ex in exs]
+    random.Random(cfg.seed + 2).shuffle(train_exs)
+    train_items = make_pairs(tok, train_exs[:cfg.eval_pairs], random.Random(54321), max_len)
 
     if state is None:
         model.cfg.dropout = 0.0  # dropout is off in this stage (pooler dropout is the head's own)
@@ -292,6 +296,8 @@ def main(argv=None):
     bar = tqdm(range(start, cfg.max_steps), desc=f"dph/{cfg.loss}", dynamic_ncols=True,
                initial=start, total=cfg.max_steps, disable=not dist.main)
     t_start, pairs_run = time.time(), 0
+    if dist.main and start == 0 and train_items:
+        log.log(0, "train_pairs", **validation_rewards(val_fwd, train_items, cfg, device, dtype))
     try:
         for step in bar:
             scale = common.lr_at(step, 1.0, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
@@ -337,6 +343,11 @@ def main(argv=None):
                 tqdm.write(f"step {done}: validation reward accuracy "
                            f"{last_val['rewards/accuracies']:.3f}, "
                            f"margin {last_val['rewards/margins']:.2f}")
+            if dist.main and train_items and done == cfg.max_steps:
+                tp = validation_rewards(val_fwd, train_items, cfg, device, dtype)
+                log.log(step, "train_pairs", **tp)
+                tqdm.write(f"reward accuracy on {tp['pairs']} training pairs "
+                           f"{tp['rewards/accuracies']:.3f}")
             if done == cfg.max_steps or (cfg.save_every and done % cfg.save_every == 0):
                 save(done)
                 last_saved = done
