@@ -1,0 +1,948 @@
+"""Benchmark: how fast the project trains, scores and generates, vs the naive layouts (issue 7).
+
+Every comparison is a ratio measured within one run: the variants of a comparison are measured in
+alternation (round robin, the order reversed every round), each for --seconds, --repeats times,
+and the reported rate is the median over rounds; a ratio is the median of the per-round ratios.
+On a shared machine absolute numbers drift with the load; the ratios much less.
+
+    1. peak      fp32 (or --dtype) matmul GFLOP/s of this machine, best of a few square sizes
+    2. sft       training step (forward + backward + AdamW step) for each --presets, vocabulary
+                 8192, rows of --seq-len: packed with document masks (the training path), packed
+                 with plain causal attention (no masks), and padded one conversation per row;
+                 tokens/s and MFU (formula below); packing efficiency on the built-in mixture,
+                 and on a real mixture when $DPH_DATA is set
+    3. dph       DPH training pairs/s (forward + backward of rewards + loss; and with the cDPO
+                 term: LM logits on the answer tokens and the reference model's forward),
+                 shared-prefix vs padded, on RACE-shaped items (prompt 384, answers 16 tokens)
+    4. eval      evaluation candidates/s (no grad, 4 candidates per item), same shape
+    5. generate  tokens/s for 128 new tokens with and without the KV cache
+    6. memory    peak memory of each measurement: on the CPU the peak resident set (VmHWM) of a
+                 fresh subprocess per measurement, reset just before the measured step; on CUDA
+                 torch.cuda.max_memory_allocated
+
+MFU (model FLOPs utilisation), the issue's formula, per real (non-pad) token:
+    MFU = (6·N_non-embedding + 12·L·d·ctx) · tokens/s ÷ peak
+with ctx the row length. It counts no LM-head FLOPs (the tied output projection). Since the
+SFT step computes logits only at positions that have a target, we also report
+    MFU+logits = [(6·N_ne + 12·L·d·ctx) · tokens + 6·d·V · targets] / s ÷ peak
+(6·d·V per TARGET token, forward + backward of the output projection). The peak is the matmul
+rate measured in the same round as the step (so both see the same machine load); MFU against
+the best peak of the whole run is reported too.
+
+    python bench.py                          # small + base on this machine (~5-10 min on 2 cores)
+    python bench.py --quick                  # tiny preset, seconds; the smoke test runs this
+    python bench.py --device cuda --dtype bfloat16 --presets paper --choice-preset base
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# OpenMP threads that spin while they wait for work (libgomp's default) make every small op
+# wait for a time slice when the cores are shared with other processes: on 2 busy cores a
+# KV-cached decoding step ran 20x slower and a `base` SFT step 1.7-3x slower than with
+# PASSIVE waiting. libgomp reads this when torch is imported, so it is set before that import;
+# --omp-wait-policy default leaves the environment alone.
+_WAIT = "passive"
+for _i, _a in enumerate(sys.argv):
+    if _a == "--omp-wait-policy" and _i + 1 < len(sys.argv):
+        _WAIT = sys.argv[_i + 1]
+    elif _a.startswith("--omp-wait-policy="):
+        _WAIT = _a.split("=", 1)[1]
+if _WAIT in ("passive", "active"):
+    os.environ.setdefault("OMP_WAIT_POLICY", _WAIT.upper())
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import subprocess
+import tempfile
+import time
+
+import torch
+
+import common
+from data import (IGNORE, ChatTokenizer, ChoiceItem, PackedBatch, SFTStream, TaskSampler,
+                  collate_choices, padded_sft_batch, score_choices, training_text)
+from losses import dph_loss, dpo_loss, sft_loss
+from model import PRESETS, DPHModel, attention_mask, generate, preset
+
+SECTIONS = ("peak", "packing", "sft", "dph", "eval", "generate", "memory")
+REAL_TASKS = "glue/sst2,glue/cola,glue/mrpc,glue/rte,glue/stsb,boolq,arc/easy,piqa,winogrande"
+SFT_MODES = {  # name -> what it is
+    "packed_masked": "packed, document masks (training path)",
+    "packed_causal": "packed, plain causal (no masks)",
+    "padded": "padded, one conversation per row",
+}
+TARGETS = {  # name -> (op, threshold)
+    "packing efficiency": (">=", 0.95),
+    "eval shared/padded": (">=", 3.0),
+    "DPH shared/padded": (">=", 1.8),
+    "KV-cache speedup": (">=", 5.0),
+    "SFT MFU": (">=", 0.50),
+    "doc-mask cost": ("<=", 0.15),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--presets", default=None,
+                   help="model presets for the SFT section (default: small,base; --quick: tiny)")
+    p.add_argument("--choice-preset", default=None,
+                   help="preset for the DPH, evaluation and generation sections "
+                        "(default: small; --quick: tiny)")
+    p.add_argument("--out", default="bench.json", help="write the results here (JSON)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke mode: tiny preset, short rows, one short round (seconds)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--dtype", default="auto",
+                   help="auto | float32 | bfloat16 | float16 (autocast; the peak uses it too)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="minimum seconds per measurement, >= 1 call (default 2, quick 0.05)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="rounds per comparison, median reported (default 3, quick 1)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    p.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "default"],
+                   help="OMP_WAIT_POLICY set before torch is imported (an existing environment "
+                        "variable wins); 'default' leaves it unset")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--seq-len", type=int, default=None, help="SFT row length (default 512)")
+    p.add_argument("--vocab-size", type=int, default=0,
+                   help="model vocabulary (0: 8192, or the preset's own, e.g. paper's 50272)")
+    p.add_argument("--sft-batch", type=int, default=None, help="packed rows per SFT step (4)")
+    p.add_argument("--prompt-len", type=int, default=None, help="RACE-shaped prompt tokens (384)")
+    p.add_argument("--answer-len", type=int, default=None,
+                   help="tokens per answer including <|im_end|> (16)")
+    p.add_argument("--dph-batch", type=int, default=None, help="pairs per DPH step (8)")
+    p.add_argument("--eval-batch", type=int, default=None, help="items per evaluation batch (8)")
+    p.add_argument("--candidates", type=int, default=4, help="candidates per evaluation item")
+    p.add_argument("--gen-prompt", type=int, default=None, help="generation prompt tokens (128)")
+    p.add_argument("--gen-tokens", type=int, default=None, help="new tokens to generate (128)")
+    p.add_argument("--gen-samples", type=int, default=4, help="samples generated in one batch")
+    p.add_argument("--packing-batches", type=int, default=None,
+                   help="batches drawn to measure packing efficiency (200; quick 10)")
+    p.add_argument("--real-tasks", default=REAL_TASKS,
+                   help="real mixture for packing efficiency when $DPH_DATA is set")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    q = a.quick
+    defaults = dict(presets="tiny" if q else "small,base", choice_preset="tiny" if q else "small",
+                    seconds=0.05 if q else 2.0, repeats=1 if q else 3, seq_len=128 if q else 512,
+                    sft_batch=2 if q else 4, prompt_len=48 if q else 384,
+                    answer_len=6 if q else 16, dph_batch=2 if q else 8, eval_batch=2 if q else 8,
+                    gen_prompt=16 if q else 128, gen_tokens=12 if q else 128,
+                    packing_batches=10 if q else 200)
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.sections = [s.strip() for s in a.sections.split(",") if s.strip()]
+    bad = [s for s in a.sections if s not in SECTIONS]
+    if bad:
+        p.error(f"--sections: unknown {bad}; choose from {', '.join(SECTIONS)}")
+    a.presets = [s.strip() for s in a.presets.split(",") if s.strip()]
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing: alternate the variants of a comparison, report medians
+
+
+def make_sync(device):
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def timed(fn, seconds, sync):
+    """Call fn() (which returns the work units it did) until `seconds` have passed, at least
+    once. Returns units per second."""
+    units, t0 = 0.0, time.perf_counter()
+    while True:
+        units += fn()
+        sync()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return units / elapsed
+
+
+def compare(variants: dict, repeats: int, seconds: float, sync, warmup: int = 1) -> dict:
+    """variants: name -> fn. Warm each up (`warmup` calls; with torch.compile the callers ask for
+    enough to see every batch shape before timing), then `repeats` rounds. Within a round the
+    variants are interleaved call by call (the one with the least measured time runs next) until
+    each has run for `seconds`, so a change in machine load hits all of them alike.
+    Returns name -> rates (units/s), one per round."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+        sync()
+    samples = {k: [] for k in variants}
+    names = list(variants)
+    for r in range(repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        units, spent = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+        while min(spent.values()) < seconds:
+            k = min(order, key=spent.get)
+            t0 = time.perf_counter()
+            units[k] += variants[k]()
+            sync()
+            spent[k] += time.perf_counter() - t0
+        for k in names:
+            samples[k].append(units[k] / spent[k])
+    return samples
+
+
+def med(xs):
+    return float(statistics.median(xs))
+
+
+def ratio(a, b):
+    """Median of per-round ratios a[r] / b[r]."""
+    return med([x / y for x, y in zip(a, b)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine and peak
+
+
+def machine_info(device, dtype) -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)")}
+    if hasattr(os, "getloadavg"):
+        info["load_start"] = [round(x, 2) for x in os.getloadavg()]
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def matmul_fn(n, device, dtype):
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def fn():
+        torch.matmul(a, b)
+        return 2.0 * n ** 3 / 1e9  # GFLOP
+    return fn
+
+
+def measure_peak(args, device, dtype, sync) -> dict:
+    """Best matmul GFLOP/s over a few square sizes (after warmup). The best size is kept for the
+    per-round peak measured alongside the SFT steps."""
+    mdt = dtype  # the MFU denominator is the peak of the precision the model computes in
+    sizes = [256, 512] if args.quick else ([4096, 8192] if device.type == "cuda"
+                                           else [1024, 2048, 3072])
+    fns = {f"{n}": matmul_fn(n, device, mdt) for n in sizes}
+    s = compare(fns, max(2, args.repeats), max(args.seconds / 2, 0.02), sync)
+    by_size = {k: round(max(v), 1) for k, v in s.items()}
+    best = max(by_size, key=by_size.get)
+    return {"gflops": by_size[best], "size": int(best), "by_size": by_size,
+            "dtype": str(mdt).replace("torch.", ""), "op": "torch.matmul, square n×n"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: built-in suite conversations, packing, RACE-shaped items
+
+
+def builtin_data(args):
+    from tasks import resolve_tasks
+    specs = resolve_tasks("builtin")
+    n = 60 if args.quick else None
+    train = {s.name: s.load("train", seed=args.seed, n=n) for s in specs}
+    tok = ChatTokenizer.train([t for exs in train.values() for t in training_text(exs)], 8192)
+    return tok, train
+
+
+def packing_efficiency(tok, train, args) -> dict:
+    stream = SFTStream(tok, train, args.seq_len, args.sft_batch, seed=args.seed)
+    t0 = time.perf_counter()
+    for _ in range(args.packing_batches):
+        stream.next_batch()
+    el = time.perf_counter() - t0
+    st = stream.stats
+    return {"efficiency": round(stream.efficiency, 4), "batches": args.packing_batches,
+            "rows": args.packing_batches * args.sft_batch, "seq_len": args.seq_len,
+            "documents": st["documents"], "dropped": st["dropped"],
+            "tokens_per_doc": round(st["tokens"] / max(1, st["documents"]), 1),
+            "batches_per_s": round(args.packing_batches / el, 1)}
+
+
+def real_packing(args) -> dict:
+    root = os.environ.get("DPH_DATA", "")
+    if not root:
+        return {"skipped": "DPH_DATA is not set"}
+    from tasks import TaskError, resolve_tasks
+    try:
+        specs = resolve_tasks(args.real_tasks)
+        train = common.load_split(specs, "train", root, args.seed, required=False,
+                                  limit=2000 if args.quick else 20000)
+    except (TaskError, FileNotFoundError) as e:
+        return {"skipped": f"{type(e).__name__}: {e}"}
+    if not train:
+        return {"skipped": "no task of --real-tasks has a train split under $DPH_DATA"}
+    gpt2 = os.path.join(root, "gpt2_tokenizer")
+    if os.path.isfile(os.path.join(gpt2, "encoder.json")):
+        tok = ChatTokenizer.from_gpt2(os.path.join(gpt2, "encoder.json"),
+                                      os.path.join(gpt2, "vocab.bpe"))
+        tname = "GPT-2 BPE + chat tokens"
+    else:
+        tok = ChatTokenizer.train([t for exs in train.values() for t in training_text(exs)], 8192)
+        tname = "byte-level BPE trained on the mixture (8192)"
+    res = packing_efficiency(tok, train, args)
+    res.update(tasks=sorted(train), tokenizer=tname,
+               skipped_tasks=[s.name for s in specs if s.name not in train])
+    return res
+
+
+def sft_batches(tok, train, args, n=2):
+    """n packed batches (SFTStream, the training path) and padded batches of conversations drawn
+    from the same mixture with the same seed, grouped to about the same number of real tokens."""
+    stream = SFTStream(tok, train, args.seq_len, args.sft_batch, seed=args.seed)
+    packed = [stream.next_batch() for _ in range(n)]
+    sampler = TaskSampler(train, args.seed)
+    padded = []
+    for b in packed:
+        exs, tokens = [], 0
+        while tokens < b.tokens:
+            ex = sampler.draw(1)[0]
+            exs.append(ex)
+            tokens += len(tok.encode(ex.messages[-1]["content"])) + 24  # rough, corrected below
+        pb = padded_sft_batch(tok, exs, args.seq_len)
+        while pb.tokens > b.tokens and len(exs) > 1:  # trim to the packed batch's real tokens
+            exs.pop()
+            pb = padded_sft_batch(tok, exs, args.seq_len)
+        padded.append(pb)
+    return packed, padded
+
+
+def race_items(n, prompt_len, answer_len, k, vocab_lo, vocab_hi, tok, seed):
+    """Synthetic RACE-shaped ChoiceItems: prompt = <bos> + random ids + the assistant header
+    (prompt_len tokens in all), k answers of answer_len tokens each ending in <|im_end|>."""
+    g = random.Random(seed)
+    header = [tok.im_start] + tok.piece("assistant\n")
+    items = []
+    for i in range(n):
+        body = [g.randrange(vocab_lo, vocab_hi) for _ in range(prompt_len - 1 - len(header))]
+        prompt = [tok.bos] + body + header
+        branches = [[g.randrange(vocab_lo, vocab_hi) for _ in range(answer_len - 1)] + [tok.im_end]
+                    for _ in range(k)]
+        items.append(ChoiceItem(prompt, branches, 0, i, [4 * (answer_len - 1)] * k))
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# Workloads: each returns fn() -> units done. Built the same way in the parent (timing) and in a
+# fresh child process (memory), from plain data.
+
+
+def build_model(name, args, device, head=False):
+    torch.manual_seed(args.seed)
+    vocab = args.vocab_size or PRESETS[name].get("vocab_size", 8192)
+    cfg = preset(name, vocab_size=vocab)
+    need = max(args.seq_len, args.prompt_len + args.candidates * args.answer_len,
+               args.gen_prompt + args.gen_tokens)
+    if cfg.max_seq_len < need:
+        cfg = preset(name, vocab_size=vocab, max_seq_len=need)
+    m = DPHModel(cfg, head=dict(pooler="swiglu") if head else None)
+    return m.to(device)
+
+
+def maybe_compile(model, args):
+    if not args.compile:
+        return model
+    # the variants of a comparison are separate models running the same code, and dynamo keeps
+    # one cache per code object: raise its recompile limit so that no variant falls back to eager
+    cfg = torch._dynamo.config
+    for k in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, k):
+            setattr(cfg, k, max(64, getattr(cfg, k)))
+    return torch.compile(model)
+
+
+def make_optimizer(model, device):
+    """The optimizer train_sft.py uses (common.make_optimizer), whatever it is today."""
+    try:
+        return common.make_optimizer(model.parameters(), 1e-5, device=device)
+    except TypeError:  # signature changed under us: plain AdamW
+        return torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95))
+
+
+def sft_workload(name, mode, batches, args, device, dtype):
+    model = build_model(name, args, device).train()
+    fwd = maybe_compile(model, args)
+    opt = make_optimizer(model, device)
+    batches = [PackedBatch(*(t.to(device) for t in (b.idx, b.targets, b.pos, b.doc)), b.tokens)
+               for b in batches]
+    state = {"i": 0}
+
+    def fn():
+        b = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        where = b.targets != IGNORE  # logits only where there is a target
+        if mode == "packed_masked":  # what train_sft.step_loss does
+            pos, mask = b.pos, attention_mask(b.doc)
+        else:  # plain causal: is_causal SDPA, positions 0..T-1
+            pos, mask = None, None
+        with common.autocast(device, dtype):
+            out = fwd(b.idx, pos, mask, logits_at=where)
+        loss, _ = sft_loss(out.logits.float(), b.targets[where])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return b.tokens
+    return model, fn
+
+
+def choice_batches(items, per_batch, layout, pad_id, device):
+    return [collate_choices(items[i:i + per_batch], layout, pad_id).to(device)
+            for i in range(0, len(items), per_batch)]
+
+
+def dph_workload(name, layout, use_dpo, items, pad_id, args, device, dtype):
+    """Forward + backward of the DPH loss (+ cDPO on the LM, with the frozen reference's
+    forward) on pairs, as train_dph.pair_loss does. No optimizer step."""
+    model = build_model(name, args, device, head=True).train()
+    fwd = maybe_compile(model, args)
+    ref = None
+    if use_dpo:
+        ref = build_model(name, args, device).lm.eval().requires_grad_(False)
+        ref = maybe_compile(ref, args)
+    batches = choice_batches(items, args.dph_batch, layout, pad_id, device)
+    state = {"i": 0}
+
+    def fn():
+        b = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        with common.autocast(device, dtype):
+            res = score_choices(fwd, b, rewards=True, logps=use_dpo)
+        r = res["rewards"].float().view(-1, 2)
+        loss, _ = dph_loss(r[:, 0], r[:, 1], "separable", 0.1)
+        if use_dpo:
+            with torch.no_grad(), common.autocast(device, dtype):
+                ref_lp = score_choices(ref, b, rewards=False, logps=True)["logp"]
+            lp, ref_lp = res["logp"].float().view(-1, 2), ref_lp.float().view(-1, 2)
+            dloss, _ = dpo_loss(lp[:, 0], lp[:, 1], ref_lp[:, 0], ref_lp[:, 1], 0.1, 0.1)
+            loss = loss + dloss
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+        return len(b.n_branches)  # pairs
+    return model, fn
+
+
+def eval_workload(name, layout, items, pad_id, args, device, dtype):
+    """What evaluate.py does per batch: one no-grad forward, rewards and LM log-probs."""
+    model = build_model(name, args, device, head=True).eval()
+    fwd = maybe_compile(model, args)
+    batches = choice_batches(items, args.eval_batch, layout, pad_id, device)
+    state = {"i": 0}
+
+    def fn():
+        b = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        with torch.no_grad(), common.autocast(device, dtype):
+            res = score_choices(fwd, b, rewards=True, logps=True)
+        res["rewards"].sum().item()  # wait for the result
+        return b.n_seqs  # candidates
+    return model, fn
+
+
+def gen_workload(name, use_cache, prompt, args, device, dtype):
+    model = build_model(name, args, device).eval()  # generate() is not compiled
+    g = torch.Generator(device=device)
+
+    def fn():
+        g.manual_seed(args.seed)
+        with common.autocast(device, dtype):
+            out = generate(model, prompt, n=args.gen_samples, max_new_tokens=args.gen_tokens,
+                           temperature=1.0, use_cache=use_cache, generator=g)
+        return sum(len(o) for o in out)  # no stop token: gen_samples * gen_tokens
+    return model, fn
+
+
+def workload(spec, data, args, device, dtype):
+    kind = spec["kind"]
+    if kind == "sft":
+        batches = data["padded"] if spec["mode"] == "padded" else data["packed"]
+        return sft_workload(spec["preset"], spec["mode"], batches, args, device, dtype)
+    if kind == "dph":
+        return dph_workload(spec["preset"], spec["layout"], spec["dpo"], data["dph_items"],
+                            data["pad"], args, device, dtype)
+    if kind == "eval":
+        return eval_workload(spec["preset"], spec["layout"], data["eval_items"], data["pad"],
+                             args, device, dtype)
+    if kind == "generate":
+        return gen_workload(spec["preset"], spec["cache"], data["gen_prompt"], args, device, dtype)
+    raise ValueError(kind)
+
+
+def spec_name(s):
+    if s["kind"] == "sft":
+        return f"sft/{s['preset']}/{s['mode']}"
+    if s["kind"] == "dph":
+        return f"dph/{s['preset']}/{'head+dpo' if s['dpo'] else 'head'}/{s['layout']}"
+    if s["kind"] == "eval":
+        return f"eval/{s['preset']}/{s['layout']}"
+    return f"generate/{s['preset']}/{'cache' if s['cache'] else 'no_cache'}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: a fresh process per measurement (CPU), or the CUDA allocator's peak
+
+
+def _status_kib(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0). getrusage's ru_maxrss is not used: after
+    fork+exec it starts at the PARENT's peak (the kernel carries it over exec), so a child
+    launched from a big process would report the parent's memory."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory_here(spec, data, args, device, dtype) -> dict:
+    """Build the workload, then measure one call; an SFT step gets a warm-up call first (so the
+    AdamW state exists, as in every step but the first). step_mib: the peak during the measured
+    call minus what was resident just before it."""
+    model, fn = workload(spec, data, args, device, dtype)
+    if spec["kind"] == "sft" or args.compile:
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak_mib": round(peak / 2**20, 1), "step_mib": round((peak - base) / 2**20, 1)}
+    exact = _reset_peak_rss()
+    before = _status_kib("VmRSS")
+    fn()
+    peak = _status_kib("VmHWM")
+    return {"peak_mib": round(peak / 1024, 1), "step_mib": round(max(0, peak - before) / 1024, 1),
+            "exact_reset": exact}
+
+
+def memory_child(path):
+    """Entry point of the subprocess: read the specs and data, measure, print one JSON line."""
+    blob = torch.load(path, weights_only=False)  # our own temporary file
+    args = argparse.Namespace(**blob["args"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(blob["device"])
+    dtype = getattr(torch, blob["dtype"])
+    out = {}
+    for spec in blob["specs"]:
+        out[spec_name(spec)] = measure_memory_here(spec, blob["data"], args, device, dtype)
+    print("MEMORY " + json.dumps(out))
+
+
+def measure_memory(specs, data, args, device, dtype) -> dict:
+    if device.type == "cuda":
+        items = {spec_name(s): measure_memory_here(s, data, args, device, dtype) for s in specs}
+        return {"method": "torch.cuda.max_memory_allocated (in process); step_mib = peak - "
+                          "allocated before the measured call", "items": items}
+    if not os.path.exists("/proc/self/status"):
+        return {"skipped": "needs Linux /proc for the peak resident set"}
+    items = {}
+    groups = [specs] if args.quick else [[s] for s in specs]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "job.pt")
+        for group in groups:
+            torch.save({"args": vars(args), "device": str(device),
+                        "dtype": str(dtype).replace("torch.", ""), "specs": group,
+                        "data": data}, path)
+            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", path],
+                               capture_output=True, text=True, cwd=os.path.dirname(
+                                   os.path.abspath(__file__)))
+            line = [ln for ln in r.stdout.splitlines() if ln.startswith("MEMORY ")]
+            if r.returncode != 0 or not line:
+                err = (r.stderr.strip().splitlines() or ["no output"])[-1]
+                for s in group:
+                    items[spec_name(s)] = {"error": err}
+                continue
+            items.update(json.loads(line[0][len("MEMORY "):]))
+    how = ("one fresh subprocess for all measurements (--quick; later ones may reuse memory "
+           "freed by earlier ones)" if args.quick else "a fresh subprocess per measurement")
+    return {"method": f"peak resident set VmHWM (/proc/self/status), reset with clear_refs "
+                      f"before the measured call (SFT: after a warm-up step); {how}; "
+                      f"peak_mib = whole process (Python, torch, model, optimizer state), "
+                      f"step_mib = peak - RSS before the measured call",
+            "items": items}
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention kernel actually dispatched
+
+
+def attention_backend(cfg, B, T, device, dtype) -> dict:
+    """Which SDPA kernel runs for the model's shapes, with the boolean mask (packing / shared
+    prefix) and with is_causal (no mask), read from the profiler's op names."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+    names = {"flash_attention": "flash", "efficient_attention": "memory-efficient",
+             "cudnn_attention": "cuDNN", "attention_math": "math", "_fused_sdp_choice": None}
+    # the dtype q has under autocast (the projections' output)
+    q = torch.randn(B, cfg.n_heads, T, cfg.head_dim, device=device, dtype=dtype)
+    doc = (torch.arange(T, device=device) // max(1, T // 4)).expand(B, T)
+    mask = attention_mask(doc)
+    out = {}
+    for label, kw in (("masked", {"attn_mask": mask}), ("causal", {"is_causal": True})):
+        with profile(activities=[ProfilerActivity.CPU]) as prof, torch.no_grad(), \
+                common.autocast(device, dtype):
+            F.scaled_dot_product_attention(q, q, q, **kw)
+        ops = {e.name for e in prof.events()}
+        kern = sorted({v for k, v in names.items() if v and any(k in o for o in ops)})
+        out[label] = {"kernel": "+".join(kern) or "unknown",
+                      "ops": sorted(o for o in ops if "attention" in o)}
+    if device.type == "cuda":
+        out["note"] = ("a boolean attn_mask rules out the FlashAttention kernels; PyTorch then "
+                       "uses memory-efficient attention (arbitrary masks) if it can, else math")
+    else:
+        out["note"] = ("CPU: the flash-attention CPU kernel takes the boolean mask as well (no "
+                       "fallback to the math kernel); it computes every key block either way")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The sections
+
+
+def flops_per_token(cfg, n_non_embedding, ctx):
+    return 6 * n_non_embedding + 12 * cfg.n_layers * cfg.d_model * ctx
+
+
+def run_sft(name, data, peak, args, device, dtype, sync) -> dict:
+    variants, models = {}, {}
+    for mode in SFT_MODES:
+        spec = {"kind": "sft", "preset": name, "mode": mode}
+        models[mode], variants[mode] = workload(spec, data, args, device, dtype)
+    variants["matmul_peak"] = matmul_fn(peak["size"], device, dtype)
+    s = compare(variants, args.repeats, args.seconds, sync,
+                warmup=4 if args.compile else 1)
+    lm = models["packed_masked"].lm
+    cfg, n_ne = lm.cfg, lm.num_params(non_embedding=True)
+    res = {"params": lm.num_params(), "non_embedding_params": n_ne,
+           "layers": cfg.n_layers, "d_model": cfg.d_model, "vocab": cfg.vocab_size,
+           "peak_samples": [round(x, 1) for x in s["matmul_peak"]], "modes": {}}
+    for mode, what in SFT_MODES.items():
+        batches = data["padded"] if mode == "padded" else data["packed"]
+        T = int(batches[0].idx.shape[1])
+        tokens = sum(b.tokens for b in batches)
+        targets = sum(int((b.targets != IGNORE).sum()) for b in batches)
+        slots = sum(b.idx.numel() for b in batches)
+        f_tok = flops_per_token(cfg, n_ne, T)
+        f_logit = 6 * cfg.d_model * cfg.vocab_size * targets / tokens  # per real token
+        rates = s[mode]
+        mfu = [r * f_tok / (p * 1e9) for r, p in zip(rates, s["matmul_peak"])]
+        mfu_l = [r * (f_tok + f_logit) / (p * 1e9) for r, p in zip(rates, s["matmul_peak"])]
+        res["modes"][mode] = {
+            "what": what, "tokens_per_s": round(med(rates), 1),
+            "samples": [round(x, 1) for x in rates], "rows": int(batches[0].idx.shape[0]),
+            "row_len": T, "real_token_fraction": round(tokens / slots, 3),
+            "target_fraction": round(targets / tokens, 3),
+            "flops_per_token": f_tok, "mfu": round(med(mfu), 4),
+            "mfu_incl_logits": round(med(mfu_l), 4),
+            "mfu_vs_best_peak": round(med(rates) * f_tok / (peak["best"] * 1e9), 4)}
+    m = s["packed_masked"]
+    res["mask_cost"] = round(1 - ratio(m, s["packed_causal"]), 4)
+    res["packed_vs_padded"] = round(ratio(m, s["padded"]), 3)
+    peak["best"] = max(peak["best"], *s["matmul_peak"])
+    return res
+
+
+def run_pairs(kind, name, data, args, device, dtype, sync, dpo=None) -> dict:
+    variants = {}
+    for layout in ("shared", "padded"):
+        spec = {"kind": kind, "preset": name, "layout": layout}
+        if kind == "dph":
+            spec["dpo"] = dpo
+        variants[layout] = workload(spec, data, args, device, dtype)[1]
+    s = compare(variants, args.repeats, args.seconds, sync,
+                warmup=4 if args.compile else 1)
+    unit = "pairs_per_s" if kind == "dph" else "candidates_per_s"
+    return {**{k: {unit: round(med(v), 2), "samples": [round(x, 2) for x in v]}
+               for k, v in s.items()},
+            "speedup": round(ratio(s["shared"], s["padded"]), 3)}
+
+
+def layout_shapes(items, per_batch, pad):
+    out = {}
+    for layout in ("shared", "padded"):
+        b = collate_choices(items[:per_batch], layout, pad)
+        out[layout] = {"rows": int(b.idx.shape[0]), "row_len": int(b.idx.shape[1]),
+                       "slots": int(b.idx.numel()), "logit_positions": int(b.logits_at.sum())}
+    return out
+
+
+def collate_rate(items, per_batch, pad, seconds):
+    res = {}
+    for layout in ("shared", "padded"):
+        def fn():
+            collate_choices(items[:per_batch], layout, pad)
+            return per_batch
+        res[layout] = round(timed(fn, min(seconds, 0.5), lambda: None), 1)
+    return res
+
+
+def run_generate(name, data, args, device, dtype, sync) -> dict:
+    variants = {}
+    for cache in (True, False):
+        spec = {"kind": "generate", "preset": name, "cache": cache}
+        variants["cache" if cache else "no_cache"] = workload(spec, data, args, device, dtype)[1]
+    s = compare(variants, args.repeats, args.seconds, sync, warmup=1)  # not compiled
+    return {**{k: {"tokens_per_s": round(med(v), 1), "samples": [round(x, 1) for x in v]}
+               for k, v in s.items()},
+            "speedup": round(ratio(s["cache"], s["no_cache"]), 2),
+            "prompt_tokens": len(data["gen_prompt"]), "new_tokens": args.gen_tokens,
+            "samples_per_call": args.gen_samples}
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets and the printed table
+
+
+def check_targets(R, args) -> list:
+    out = []
+
+    def add(name, key, value, detail=""):
+        op, thr = TARGETS[key]
+        ok = value >= thr if op == ">=" else value <= thr
+        out.append({"name": name, "value": round(value, 4), "op": op, "threshold": thr,
+                    "pass": bool(ok), "detail": detail})
+    pk = R.get("packing", {})
+    for which in ("builtin", "real"):
+        if "efficiency" in pk.get(which, {}):
+            add(f"packing efficiency ({which} mixture)", "packing efficiency",
+                pk[which]["efficiency"])
+    if "eval" in R:
+        add("shared-prefix evaluation ≥ 3× padded (candidates/s)", "eval shared/padded",
+            R["eval"]["speedup"])
+    for v, r in R.get("dph", {}).get("variants", {}).items():
+        add(f"shared-prefix DPH training ≥ 1.8× padded (pairs/s, {v})", "DPH shared/padded",
+            r["speedup"])
+    if "generate" in R:
+        add(f"KV-cache generation ≥ 5× ({R['generate']['new_tokens']} new tokens)",
+            "KV-cache speedup", R["generate"]["speedup"])
+    sft = R.get("sft", {})
+    if sft:
+        big = "base" if "base" in sft else list(sft)[-1]
+        m = sft[big]["modes"]["packed_masked"]
+        add(f"SFT MFU at {big} ≥ 50% of the {R['peak']['dtype']} matmul peak (same-round peak)",
+            "SFT MFU",
+            m["mfu"], f"vs best peak of the run: {m['mfu_vs_best_peak']:.1%}")
+        for name, r in sft.items():
+            add(f"document masking costs ≤ 15% of unmasked packed throughput ({name})",
+                "doc-mask cost", r["mask_cost"])
+    return out
+
+
+def fmt_table(R) -> str:
+    L = []
+    mc = R["machine"]
+    L.append(f"machine: {mc['nproc']} × {mc['cpu']}, torch {mc['torch']}, "
+             f"{mc['threads']} threads, OMP_WAIT_POLICY {mc['OMP_WAIT_POLICY']}, "
+             f"device {mc['device']}, {mc['dtype']}, "
+             f"load {mc.get('load_start')} -> {mc.get('load_end')}")
+    if "peak" in R:
+        p = R["peak"]
+        L.append(f"matmul peak ({p['dtype']}): {p['best']:.1f} GFLOP/s best of the run "
+                 f"(sizes {p['by_size']})")
+    mem = R.get("memory", {}).get("items", {})
+
+    def memcol(key):
+        m = mem.get(key, {})
+        if "peak_mib" not in m:
+            return f"{'-':>8} {'-':>8}"
+        return f"{m['peak_mib']:8.0f} {m['step_mib']:8.0f}"
+    if "sft" in R:
+        L.append("")
+        L.append(f"{'SFT step (fwd+bwd+AdamW)':44s} {'tok/s':>9} {'MFU':>6} {'+logits':>7} "
+                 f"{'vs best':>7} {'peakMiB':>8} {'stepMiB':>8}")
+        for name, r in R["sft"].items():
+            for mode, m in r["modes"].items():
+                L.append(f"{name + ' ' + m['what']:44s} {m['tokens_per_s']:9.1f} {m['mfu']:6.1%} "
+                         f"{m['mfu_incl_logits']:7.1%} {m['mfu_vs_best_peak']:7.1%} "
+                         f"{memcol('/'.join(('sft', name, mode)))}")
+            L.append(f"{'':4s}{name}: document masks cost {r['mask_cost']:.1%}; packed/padded "
+                     f"{r['packed_vs_padded']:.2f}×; non-embedding params "
+                     f"{r['non_embedding_params'] / 1e6:.2f}M")
+    if "packing" in R:
+        for which, r in R["packing"].items():
+            L.append(f"packing efficiency ({which}): " + (
+                f"{r['efficiency']:.1%} over {r['rows']} rows of {r['seq_len']} "
+                f"({r['tokens_per_doc']} tokens/conversation)" if "efficiency" in r
+                else r.get("skipped", "")))
+    if "dph" in R:
+        d = R["dph"]
+        L.append("")
+        L.append(f"DPH training, {d['preset']}, prompt {d['prompt_len']} + 2×{d['answer_len']} "
+                 f"tokens, {d['batch']} pairs/step: pairs/s")
+        for v, r in d["variants"].items():
+            for lay in ("shared", "padded"):
+                key = "/".join(("dph", d["preset"], v, lay))
+                L.append(f"  {v:9s} {lay:7s} {r[lay]['pairs_per_s']:9.2f} {memcol(key)}")
+            L.append(f"  {v:9s} shared/padded {r['speedup']:.2f}×")
+    if "eval" in R:
+        e = R["eval"]
+        L.append(f"evaluation, {e['preset']}, {e['candidates']} candidates/item: candidates/s")
+        for lay in ("shared", "padded"):
+            key = "/".join(("eval", e["preset"], lay))
+            L.append(f"  {lay:17s} {e[lay]['candidates_per_s']:9.2f} {memcol(key)}")
+        L.append(f"  shared/padded {e['speedup']:.2f}×")
+    if "generate" in R:
+        g = R["generate"]
+        L.append(f"generation, {g['preset']}, {g['samples_per_call']} samples × {g['new_tokens']} "
+                 f"new tokens after {g['prompt_tokens']}: tokens/s")
+        for k in ("cache", "no_cache"):
+            key = "/".join(("generate", g["preset"], k))
+            L.append(f"  {k:17s} {g[k]['tokens_per_s']:9.1f} {memcol(key)}")
+        L.append(f"  KV cache speedup {g['speedup']:.1f}×")
+    if "attention_backend" in R:
+        a = R["attention_backend"]
+        L.append(f"SDPA kernel: masked -> {a['masked']['kernel']}, causal -> "
+                 f"{a['causal']['kernel']} ({a['note']})")
+    if "memory" in R and "method" in R["memory"]:
+        L.append(f"memory: {R['memory']['method']}")
+    L.append("")
+    if R["config"]["quick"]:
+        L.append("(--quick: tiny shapes, one short round; the targets are meant for the full run)")
+    for t in R.get("targets", []):
+        L.append(f"{'PASS' if t['pass'] else 'MISS'}  {t['name']}: {t['value']:.4g} "
+                 f"(target {t['op']} {t['threshold']}){'; ' + t['detail'] if t['detail'] else ''}")
+    return "\n".join(L)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_child:
+        return memory_child(args.memory_child)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = common.resolve_device(args.device)
+    dtype = common.resolve_dtype(args.dtype, device)
+    sync = make_sync(device)
+    t_start = time.time()
+    R = {"config": {k: v for k, v in vars(args).items() if k != "memory_child"},
+         "command": "python " + " ".join([os.path.basename(__file__)] + (
+             sys.argv[1:] if argv is None else list(argv))),
+         "machine": machine_info(device, dtype),
+         "mfu_formula": "MFU = (6·N_non-embedding + 12·L·d·ctx)·tokens/s ÷ peak, tokens = real "
+                        "(non-pad) tokens, ctx = row length; mfu_incl_logits adds 6·d·V per "
+                        "target token (logits are computed only at target positions); peak = "
+                        "matmul GFLOP/s measured in the same round"}
+    secs = set(args.sections)
+
+    def log(msg):
+        print(f"[{time.time() - t_start:6.1f}s] {msg}", flush=True)
+
+    tok, train = builtin_data(args)
+    log(f"built-in suite: {sum(map(len, train.values()))} conversations, tokenizer vocabulary "
+        f"{len(tok)} (model vocabulary {args.vocab_size or 'of the preset, else 8192'})")
+    data = {"pad": tok.pad}
+    if "packing" in secs:
+        R["packing"] = {"builtin": packing_efficiency(tok, train, args), "real": real_packing(args)}
+        log(f"packing: {json.dumps(R['packing'])}")
+    need_peak = "peak" in secs or "sft" in secs
+    if need_peak:
+        R["peak"] = measure_peak(args, device, dtype, sync)
+        R["peak"]["best"] = R["peak"]["gflops"]
+        log(f"peak: {R['peak']['by_size']} GFLOP/s")
+    specs = []
+    if "sft" in secs:
+        data["packed"], data["padded"] = sft_batches(tok, train, args)
+        R["sft"] = {}
+        for name in args.presets:
+            R["sft"][name] = run_sft(name, data, R["peak"], args, device, dtype, sync)
+            log(f"sft {name}: " + ", ".join(f"{k} {m['tokens_per_s']:.0f} tok/s MFU {m['mfu']:.1%}"
+                                            for k, m in R["sft"][name]["modes"].items()))
+            specs += [{"kind": "sft", "preset": name, "mode": m} for m in SFT_MODES]
+        R["peak"]["gflops"] = R["peak"]["best"]
+    cp = args.choice_preset
+    lo = 4  # ids 0..3 are the special tokens
+    if "dph" in secs or "eval" in secs:
+        vocab_hi = len(tok)
+        data["dph_items"] = race_items(4 * args.dph_batch, args.prompt_len, args.answer_len, 2,
+                                       lo, vocab_hi, tok, args.seed)
+        data["eval_items"] = race_items(2 * args.eval_batch, args.prompt_len, args.answer_len,
+                                        args.candidates, lo, vocab_hi, tok, args.seed + 1)
+    if "dph" in secs:
+        d = {"preset": cp, "prompt_len": args.prompt_len, "answer_len": args.answer_len,
+             "batch": args.dph_batch, "optimizer_step": False,
+             "shapes": layout_shapes(data["dph_items"], args.dph_batch, tok.pad),
+             "collate_pairs_per_s": collate_rate(data["dph_items"], args.dph_batch, tok.pad,
+                                                 args.seconds), "variants": {}}
+        for v, dpo in (("head", False), ("head+dpo", True)):
+            d["variants"][v] = run_pairs("dph", cp, data, args, device, dtype, sync, dpo)
+            specs += [{"kind": "dph", "preset": cp, "layout": lay, "dpo": dpo}
+                      for lay in ("shared", "padded")]
+            log(f"dph {v}: {json.dumps(d['variants'][v])}")
+        R["dph"] = d
+    if "eval" in secs:
+        e = {"preset": cp, "prompt_len": args.prompt_len, "answer_len": args.answer_len,
+             "candidates": args.candidates, "batch_items": args.eval_batch,
+             "shapes": layout_shapes(data["eval_items"], args.eval_batch, tok.pad)}
+        e.update(run_pairs("eval", cp, data, args, device, dtype, sync))
+        R["eval"] = e
+        specs += [{"kind": "eval", "preset": cp, "layout": lay} for lay in ("shared", "padded")]
+        log(f"eval: shared/padded {e['speedup']}×")
+    if "generate" in secs:
+        g = random.Random(args.seed + 2)
+        data["gen_prompt"] = [tok.bos] + [g.randrange(lo, len(tok))
+                                          for _ in range(args.gen_prompt - 1)]
+        R["generate"] = {"preset": cp, **run_generate(cp, data, args, device, dtype, sync)}
+        specs += [{"kind": "generate", "preset": cp, "cache": c} for c in (True, False)]
+        log(f"generate: {R['generate']['speedup']}× with the KV cache")
+    name0 = args.presets[0] if args.presets else cp
+    m0 = build_model(name0, args, torch.device("cpu"))
+    R["attention_backend"] = attention_backend(m0.cfg, args.sft_batch, args.seq_len, device, dtype)
+    del m0
+    if "memory" in secs and specs:
+        R["memory"] = measure_memory(specs, data, args, device, dtype)
+        log("memory: done")
+    if hasattr(os, "getloadavg"):
+        R["machine"]["load_end"] = [round(x, 2) for x in os.getloadavg()]
+    R["seconds"] = round(time.time() - t_start, 1)
+    R["targets"] = check_targets(R, args)
+    print()
+    print(fmt_table(R))
+    if args.out:
+        d = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(d, exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(R, f, indent=1)
+            f.write("\n")
+        print(f"\nwrote {args.out} ({R['seconds']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

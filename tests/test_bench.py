@@ -1,0 +1,73 @@
+"""Smoke test of bench.py: `--quick` runs every section on the tiny preset in seconds and writes a
+JSON report with positive numbers everywhere. No timing assertions: the machine may be busy."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_quick_writes_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "DPH_DATA"}  # the built-in suite only
+    r = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]  # (it takes ~10-15 s on 2 cores)
+    R = json.loads(out.read_text())
+
+    for key in ("config", "machine", "peak", "packing", "sft", "dph", "eval", "generate",
+                "memory", "attention_backend", "targets", "mfu_formula", "command"):
+        assert key in R, key
+    assert R["config"]["quick"] is True
+    assert positive(R["peak"]["gflops"])
+
+    assert 0 < R["packing"]["builtin"]["efficiency"] <= 1
+    assert "skipped" in R["packing"]["real"]  # DPH_DATA unset
+
+    modes = R["sft"]["tiny"]["modes"]
+    assert set(modes) == {"packed_masked", "packed_causal", "padded"}
+    for m in modes.values():
+        for k in ("tokens_per_s", "mfu", "mfu_incl_logits", "mfu_vs_best_peak", "flops_per_token"):
+            assert positive(m[k]), (k, m)
+        assert m["mfu_incl_logits"] > m["mfu"]  # the logits term only adds FLOPs
+    assert isinstance(R["sft"]["tiny"]["mask_cost"], float)
+
+    for variant in ("head", "head+dpo"):
+        v = R["dph"]["variants"][variant]
+        assert positive(v["shared"]["pairs_per_s"]) and positive(v["padded"]["pairs_per_s"])
+        assert positive(v["speedup"])
+    # the shared-prefix layout really holds fewer token slots than the padded one
+    assert R["dph"]["shapes"]["shared"]["slots"] < R["dph"]["shapes"]["padded"]["slots"]
+    assert R["eval"]["shapes"]["shared"]["slots"] < R["eval"]["shapes"]["padded"]["slots"]
+    for lay in ("shared", "padded"):
+        assert positive(R["eval"][lay]["candidates_per_s"])
+    assert positive(R["eval"]["speedup"])
+    for k in ("cache", "no_cache"):
+        assert positive(R["generate"][k]["tokens_per_s"])
+    assert positive(R["generate"]["speedup"])
+
+    items = R["memory"]["items"]
+    expected = ({f"sft/tiny/{m}" for m in modes}
+                | {f"dph/tiny/{v}/{lay}" for v in ("head", "head+dpo")
+                   for lay in ("shared", "padded")}
+                | {f"eval/tiny/{lay}" for lay in ("shared", "padded")}
+                | {"generate/tiny/cache", "generate/tiny/no_cache"})
+    assert set(items) == expected
+    for name, m in items.items():
+        assert "error" not in m, (name, m)
+        assert positive(m["peak_mib"]), (name, m)
+        assert m["step_mib"] >= 0
+
+    assert R["attention_backend"]["masked"]["kernel"] != "unknown"
+    names = " ".join(t["name"] for t in R["targets"])
+    for word in ("packing", "evaluation", "DPH", "KV-cache", "MFU", "masking"):
+        assert word in names, word
+    for t in R["targets"]:
+        assert isinstance(t["pass"], bool) and isinstance(t["value"], float)
+    assert ("PASS" in r.stdout) or ("MISS" in r.stdout)
