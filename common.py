@@ -537,3 +537,21 @@ def load_split(specs, split: str, data_dir: str, seed: int, kinds=None, limit: i
     if not out and required:
         raise TaskError(f"no {split} data for {', '.join(missing) or 'the selected tasks'}")
     return out
+
+
+def start_run(model, cfg, dist, device, state, start: int):
+    """What both training scripts do once their inputs are checked: per-rank seeds, the DDP
+    wrapper (and torch.compile), then rank 0 alone prepares --out and opens metrics.jsonl.
+    Returns (DDP module, forward module, module for rank-0 validation, MetricsLog)."""
+    if state is None and dist.active:
+        torch.manual_seed(cfg.seed + 7919 * dist.rank)  # dropout masks differ between ranks
+    ddp = wrap_ddp(model, dist, device)
+    fwd = torch.compile(ddp) if cfg.compile else ddp
+    val_fwd = model if dist.active else fwd  # validation runs on rank 0 alone, outside DDP
+    barrier(dist)  # every rank has checked its input; now rank 0 writes
+    if dist.main:
+        prepare_out(cfg.out, cfg.overwrite or cfg.resume, keep=state is not None)
+    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"),
+                     resume_step=start if state is not None else None, enabled=dist.main)
+    log.log(start, "config" if state is None else "resume", **dataclasses.asdict(cfg))
+    return ddp, fwd, val_fwd, log

@@ -247,18 +247,7 @@ def main(argv=None):
         common.set_rng_state(state["rng"][dist.rank % len(state["rng"])], device)
         start, pairs_seen, seconds_before = state["step"], state["pairs"], state["seconds"]
         last_val = state["validation"]
-    elif dist.active:
-        torch.manual_seed(cfg.seed + 7919 * dist.rank)  # dropout masks differ between ranks
-    ddp = common.wrap_ddp(model, dist, device)
-    fwd = torch.compile(ddp) if cfg.compile else ddp
-    val_fwd = model if dist.active else fwd  # validation runs on rank 0 alone, outside DDP
-
-    common.barrier(dist)  # every rank has checked its input; now rank 0 writes
-    if dist.main:
-        common.prepare_out(cfg.out, cfg.overwrite or cfg.resume, keep=state is not None)
-    log = common.MetricsLog(os.path.join(cfg.out, "metrics.jsonl"),
-                            resume_step=start if state is not None else None, enabled=dist.main)
-    log.log(start, "config" if state is None else "resume", **dataclasses.asdict(cfg))
+    ddp, fwd, val_fwd, log = common.start_run(model, cfg, dist, device, state, start)
     last_saved = start if state is not None else None
 
     def kept():
