@@ -102,10 +102,15 @@ def parse_args(argv=None):
                    help="auto | float32 | bfloat16 | float16 (autocast; the peak uses it too)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
     p.add_argument("--seconds", type=float, default=None,
-                   help="minimum seconds per measurement, >= 1 call (default 2, quick 0.05)")
+                   help="a round repeats its calls until one variant has run this long "
+                        "(default 2, quick 0.05)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="rounds per comparison, median reported (default 3, quick 1)")
+                   help="rounds per comparison (default 5, quick 1; DPH and evaluation: twice "
+                        "that; generation: at most 3)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    p.add_argument("--malloc", default="tuned", choices=["tuned", "default"],
+                   help="tuned: glibc keeps freed memory for reuse (mallopt: no mmap, no trim); "
+                        "memory is always measured with the default allocator")
     p.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "default"],
                    help="OMP_WAIT_POLICY set before torch is imported (an existing environment "
                         "variable wins); 'default' leaves it unset")
@@ -133,7 +138,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     q = a.quick
     defaults = dict(presets="tiny" if q else "small,base", choice_preset="tiny" if q else "small",
-                    seconds=0.05 if q else 2.0, repeats=1 if q else 3, seq_len=128 if q else 512,
+                    seconds=0.05 if q else 2.0, repeats=1 if q else 5, seq_len=128 if q else 512,
                     sft_batch=2 if q else 4, prompt_len=48 if q else 384,
                     answer_len=6 if q else 16, dph_batch=2 if q else 8, eval_batch=2 if q else 8,
                     gen_prompt=16 if q else 128, gen_tokens=12 if q else 128,
@@ -147,6 +152,32 @@ def parse_args(argv=None):
         p.error(f"--sections: unknown {bad}; choose from {', '.join(SECTIONS)}")
     a.presets = [s.strip() for s in a.presets.split(",") if s.strip()]
     return a
+
+
+# ----------------------------------------------------------------------------------------------
+# Process settings
+
+
+def tune_malloc() -> str:
+    """glibc: serve every allocation from the heap and never give freed memory back (mallopt
+    M_MMAP_MAX = 0, M_TRIM_THRESHOLD and M_TOP_PAD large). By default glibc maps each large
+    block (activations, gradients) fresh from the kernel and unmaps it on free, so every step
+    pays page faults again; on this VM that cost 10-15% of an SFT step on padded rows and 5-10%
+    on packed ones, and 25-35% of a padded evaluation batch. The process keeps its peak memory."""
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    if not name or platform.system() != "Linux":
+        return "default (not glibc)"
+    try:
+        libc = ctypes.CDLL(name)
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+        ok = (libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+              and libc.mallopt(M_TOP_PAD, 64 << 20) == 1)
+    except (OSError, AttributeError):
+        return "default (mallopt unavailable)"
+    return "tuned (mallopt: M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1, M_TOP_PAD=64MiB)" if ok \
+        else "default (mallopt refused)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,10 +205,10 @@ def timed(fn, seconds, sync):
 def compare(variants: dict, repeats: int, seconds: float, sync, warmup: int = 1) -> dict:
     """variants: name -> fn. Warm each up (`warmup` calls; with torch.compile the callers ask for
     enough to see every batch shape before timing), then `repeats` rounds. A round calls every
-    variant once, in turn (the order reversed every other round), and again until each has run
-    for `seconds`: all variants make the same number of calls, side by side, so a change in the
-    machine's load hits them alike. Returns name -> {"calls": rate of each call,
-    "rounds": rate of each round} in units/s."""
+    variant once, in turn (the order reversed every other round), and again while none has run
+    for `seconds` yet: all variants make the same number of calls, side by side, so a change in
+    the machine's load hits them alike, and a best-of-N compares equal N. Returns
+    name -> {"calls": rate of each call, "rounds": rate of each round} in units/s."""
     for fn in variants.values():
         for _ in range(warmup):
             fn()
@@ -187,7 +218,7 @@ def compare(variants: dict, repeats: int, seconds: float, sync, warmup: int = 1)
     for r in range(repeats):
         order = names if r % 2 == 0 else names[::-1]
         units, spent = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
-        while min(spent.values()) < seconds:
+        while max(spent.values()) < seconds or not any(spent.values()):
             for k in order:
                 t0 = time.perf_counter()
                 u = variants[k]()
@@ -211,14 +242,17 @@ def best(st):
 
 
 def speedup(a, b) -> dict:
-    """a vs b: the ratio of the fastest calls (what the targets use; every variant made the same
-    number of calls) and the median of the per-round ratios."""
-    return {"best": round(best(a) / best(b), 3),
-            "median_rounds": round(med([x / y for x, y in zip(a["rounds"], b["rounds"])]), 3)}
+    """a vs b: the median of the per-round ratios (what the targets use), their range, and the
+    ratio of the fastest calls (every variant made the same number of calls)."""
+    per_round = [x / y for x, y in zip(a["rounds"], b["rounds"])]
+    return {"median": round(med(per_round), 3),
+            "rounds_range": [round(min(per_round), 3), round(max(per_round), 3)],
+            "best_calls": round(best(a) / best(b), 3)}
 
 
 def rate_summary(st, unit, nd=2) -> dict:
-    return {unit: round(best(st), nd), f"{unit}_median": round(med(st["rounds"]), nd),
+    """The median over rounds (reported) and the fastest call."""
+    return {unit: round(med(st["rounds"]), nd), f"{unit}_best": round(best(st), nd),
             "calls": len(st["calls"])}
 
 
@@ -239,7 +273,8 @@ def machine_info(device, dtype) -> dict:
     info = {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(),
             "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)")}
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+            "malloc": MALLOC_STATE}
     if hasattr(os, "getloadavg"):
         info["load_start"] = [round(x, 2) for x in os.getloadavg()]
     if device.type == "cuda":
@@ -687,9 +722,10 @@ def run_sft(name, data, peak, args, device, dtype, sync) -> dict:
             "target_fraction": round(targets / tokens, 3),
             "flops_per_token": f_tok, "logit_flops_per_token": round(f_logit),
             "mfu_same_round_median": round(med(same_round), 4)}
-    res["mask_cost"] = round(1 - speedup(s["packed_masked"], s["packed_causal"])["best"], 4)
-    res["mask_cost_median_rounds"] = round(
-        1 - speedup(s["packed_masked"], s["packed_causal"])["median_rounds"], 4)
+    sp = speedup(s["packed_masked"], s["packed_causal"])
+    res["mask_cost"] = round(1 - sp["median"], 4)
+    res["mask_cost_rounds_range"] = [round(1 - sp["rounds_range"][1], 4),
+                                     round(1 - sp["rounds_range"][0], 4)]
     res["packed_vs_padded"] = speedup(s["packed_masked"], s["padded"])
     peak["best"] = max(peak["best"], best(pk))
     return res
@@ -712,19 +748,37 @@ def run_pairs(kind, name, data, args, device, dtype, sync, dpo=None) -> dict:
         if kind == "dph":
             spec["dpo"] = dpo
         variants[layout] = workload(spec, data, args, device, dtype)[1]
-    s = compare(variants, args.repeats, args.seconds, sync,
+    # twice the rounds: these ratios sit close to their targets and each round is short
+    s = compare(variants, 2 * args.repeats, args.seconds, sync,
                 warmup=4 if args.compile else 1)
     unit = "pairs_per_s" if kind == "dph" else "candidates_per_s"
     return {**{k: rate_summary(v, unit) for k, v in s.items()},
             "speedup": speedup(s["shared"], s["padded"])}
 
 
-def layout_shapes(items, per_batch, pad):
-    out = {}
+def layout_shapes(items, per_batch, pad, cfg, n_ne, kind):
+    """Rows, token slots and the FLOPs of one batch in each layout, and their ratio: the speedup
+    a layout change can give at most when time follows FLOPs. Forward FLOPs = 2·N_ne per real
+    token + 4·d·L per (query, key) pair the mask allows (QKᵀ and PV; a causal row of n tokens
+    has n(n+1)/2 pairs) + 2·d·V per logit position; a training step (forward + backward) is 3×
+    that; DPH with cDPO adds the reference model's forward."""
+    out, raw = {}, {}
     for layout in ("shared", "padded"):
         b = collate_choices(items[:per_batch], layout, pad)
+        real = b.doc >= 0
+        pairs = int((attention_mask(b.doc, b.branch)[:, 0] & real[:, :, None]).sum())
+        trunk = 2 * n_ne * int(real.sum()) + 4 * cfg.d_model * cfg.n_layers * pairs
+        logits = 2 * cfg.d_model * cfg.vocab_size * int(b.logits_at.sum())
+        if kind == "dph":  # head only: no logits; with cDPO: + the reference's forward
+            flops = {"head": 3 * trunk, "head+dpo": 4 * (trunk + logits)}
+        else:
+            flops = {"eval": trunk + logits}
+        raw[layout] = flops
         out[layout] = {"rows": int(b.idx.shape[0]), "row_len": int(b.idx.shape[1]),
-                       "slots": int(b.idx.numel()), "logit_positions": int(b.logits_at.sum())}
+                       "slots": int(b.idx.numel()), "real_tokens": int(real.sum()),
+                       "attention_pairs": pairs, "logit_positions": int(b.logits_at.sum()),
+                       "gflop": {k: round(v / 1e9, 2) for k, v in flops.items()}}
+    out["flop_ratio"] = {k: round(raw["padded"][k] / raw["shared"][k], 3) for k in raw["shared"]}
     return out
 
 
@@ -743,7 +797,8 @@ def run_generate(name, data, args, device, dtype, sync) -> dict:
     for cache in (True, False):
         spec = {"kind": "generate", "preset": name, "cache": cache}
         variants["cache" if cache else "no_cache"] = workload(spec, data, args, device, dtype)[1]
-    s = compare(variants, args.repeats, args.seconds, sync, warmup=1)  # not compiled
+    # an uncached call takes many seconds on a CPU: one call of each per round, at most 3 rounds
+    s = compare(variants, min(3, args.repeats), 0.0, sync, warmup=1)  # (not compiled)
     return {**{k: rate_summary(v, "tokens_per_s", 1) for k, v in s.items()},
             "speedup": speedup(s["cache"], s["no_cache"]),
             "prompt_tokens": len(data["gen_prompt"]), "new_tokens": args.gen_tokens,
@@ -770,14 +825,19 @@ def check_targets(R, args) -> list:
     if "eval" in R:
         e = R["eval"]["speedup"]
         add("shared-prefix evaluation ≥ 3× padded (candidates/s)", "eval shared/padded",
-            e["best"], f"median of rounds {e['median_rounds']:.2f}×")
+            e["median"], f"rounds {e['rounds_range'][0]:.2f}-{e['rounds_range'][1]:.2f}×; "
+                         f"FLOP ratio "
+                       f"{R['eval']['shapes']['flop_ratio']['eval']:.2f}×")
     for v, r in R.get("dph", {}).get("variants", {}).items():
         add(f"shared-prefix DPH training ≥ 1.8× padded (pairs/s, {v})", "DPH shared/padded",
-            r["speedup"]["best"], f"median of rounds {r['speedup']['median_rounds']:.2f}×")
+            r["speedup"]["median"], f"rounds {r['speedup']['rounds_range'][0]:.2f}-"
+                                    f"{r['speedup']['rounds_range'][1]:.2f}×; FLOP "
+                                  f"ratio {R['dph']['shapes']['flop_ratio'][v]:.2f}×")
     if "generate" in R:
         g = R["generate"]["speedup"]
         add(f"KV-cache generation ≥ 5× ({R['generate']['new_tokens']} new tokens)",
-            "KV-cache speedup", g["best"], f"median of rounds {g['median_rounds']:.2f}×")
+            "KV-cache speedup", g["median"],
+            f"rounds {g['rounds_range'][0]:.2f}-{g['rounds_range'][1]:.2f}×")
     sft = R.get("sft", {})
     if sft:
         big = "base" if "base" in sft else list(sft)[-1]
@@ -788,7 +848,8 @@ def check_targets(R, args) -> list:
         for name, r in sft.items():
             add(f"document masking costs ≤ 15% of unmasked packed throughput ({name})",
                 "doc-mask cost", r["mask_cost"],
-                f"median of rounds {r['mask_cost_median_rounds']:.1%}")
+                f"rounds {r['mask_cost_rounds_range'][0]:.1%} to "
+                f"{r['mask_cost_rounds_range'][1]:.1%}")
     return out
 
 
@@ -797,6 +858,7 @@ def fmt_table(R) -> str:
     mc = R["machine"]
     L.append(f"machine: {mc['nproc']} × {mc['cpu']}, torch {mc['torch']}, "
              f"{mc['threads']} threads, OMP_WAIT_POLICY {mc['OMP_WAIT_POLICY']}, "
+             f"malloc {mc['malloc'].split(' ')[0]}, "
              f"device {mc['device']}, {mc['dtype']}, "
              f"load {mc.get('load_start')} -> {mc.get('load_end')}")
     if "peak" in R:
@@ -812,15 +874,15 @@ def fmt_table(R) -> str:
         return f"{m['peak_mib']:8.0f} {m['step_mib']:8.0f}"
     if "sft" in R:
         L.append("")
-        L.append(f"{'SFT step (fwd+bwd+AdamW)':44s} {'tok/s':>8} {'median':>8} {'MFU':>6} "
+        L.append(f"{'SFT step (fwd+bwd+AdamW)':44s} {'tok/s':>8} {'best':>8} {'MFU':>6} "
                  f"{'+logits':>7} {'peakMiB':>8} {'stepMiB':>8}")
         for name, r in R["sft"].items():
             for mode, m in r["modes"].items():
                 L.append(f"{name + ' ' + m['what']:44s} {m['tokens_per_s']:8.1f} "
-                         f"{m['tokens_per_s_median']:8.1f} {m['mfu']:6.1%} "
+                         f"{m['tokens_per_s_best']:8.1f} {m['mfu']:6.1%} "
                          f"{m['mfu_incl_logits']:7.1%} {memcol('/'.join(('sft', name, mode)))}")
             L.append(f"{'':4s}{name}: document masks cost {r['mask_cost']:.1%}; packed/padded "
-                     f"{r['packed_vs_padded']['best']:.2f}×; "
+                     f"{r['packed_vs_padded']['median']:.2f}×; "
                      f"{r['non_embedding_params'] / 1e6:.2f}M "
                      f"non-embedding params; interleaved matmul "
                      f"{r['interleaved_peak']['gflops']:.0f} GFLOP/s")
@@ -834,31 +896,33 @@ def fmt_table(R) -> str:
         d = R["dph"]
         L.append("")
         L.append(f"DPH training, {d['preset']}, prompt {d['prompt_len']} + 2×{d['answer_len']} "
-                 f"tokens, {d['batch']} pairs/step: pairs/s (best call, median round)")
+                 f"tokens, {d['batch']} pairs/step: pairs/s (median round, best call)")
         for v, r in d["variants"].items():
             for lay in ("shared", "padded"):
                 key = "/".join(("dph", d["preset"], v, lay))
                 L.append(f"  {v:9s} {lay:7s} {r[lay]['pairs_per_s']:9.2f} "
-                         f"{r[lay]['pairs_per_s_median']:9.2f} {memcol(key)}")
-            L.append(f"  {v:9s} shared/padded {r['speedup']['best']:.2f}×")
+                         f"{r[lay]['pairs_per_s_best']:9.2f} {memcol(key)}")
+            L.append(f"  {v:9s} shared/padded {r['speedup']['median']:.2f}× (FLOP ratio "
+                     f"{d['shapes']['flop_ratio'][v]:.2f}×)")
     if "eval" in R:
         e = R["eval"]
         L.append(f"evaluation, {e['preset']}, {e['candidates']} candidates/item: "
-                 f"candidates/s (best, median)")
+                 f"candidates/s (median, best)")
         for lay in ("shared", "padded"):
             key = "/".join(("eval", e["preset"], lay))
             L.append(f"  {lay:17s} {e[lay]['candidates_per_s']:9.2f} "
-                     f"{e[lay]['candidates_per_s_median']:9.2f} {memcol(key)}")
-        L.append(f"  shared/padded {e['speedup']['best']:.2f}×")
+                     f"{e[lay]['candidates_per_s_best']:9.2f} {memcol(key)}")
+        L.append(f"  shared/padded {e['speedup']['median']:.2f}× (FLOP ratio "
+                 f"{e['shapes']['flop_ratio']['eval']:.2f}×)")
     if "generate" in R:
         g = R["generate"]
         L.append(f"generation, {g['preset']}, {g['samples_per_call']} samples × {g['new_tokens']} "
-                 f"new tokens after {g['prompt_tokens']}: tokens/s (best, median)")
+                 f"new tokens after {g['prompt_tokens']}: tokens/s (median, best)")
         for k in ("cache", "no_cache"):
             key = "/".join(("generate", g["preset"], k))
-            L.append(f"  {k:17s} {g[k]['tokens_per_s']:9.1f} {g[k]['tokens_per_s_median']:9.1f} "
+            L.append(f"  {k:17s} {g[k]['tokens_per_s']:9.1f} {g[k]['tokens_per_s_best']:9.1f} "
                      f"{memcol(key)}")
-        L.append(f"  KV cache speedup {g['speedup']['best']:.1f}×")
+        L.append(f"  KV cache speedup {g['speedup']['median']:.1f}×")
     if "attention_backend" in R:
         a = R["attention_backend"]
         L.append(f"SDPA kernel: masked -> {a['masked']['kernel']}, causal -> "
@@ -877,10 +941,16 @@ def fmt_table(R) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+MALLOC_STATE = "default"
+
+
 def main(argv=None):
+    global MALLOC_STATE
     args = parse_args(argv)
-    if args.memory_child:
+    if args.memory_child:  # the default allocator: it gives memory back, so peaks are per step
         return memory_child(args.memory_child)
+    if args.malloc == "tuned":
+        MALLOC_STATE = tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = common.resolve_device(args.device)
@@ -931,10 +1001,14 @@ def main(argv=None):
                                        lo, vocab_hi, tok, args.seed)
         data["eval_items"] = race_items(2 * args.eval_batch, args.prompt_len, args.answer_len,
                                         args.candidates, lo, vocab_hi, tok, args.seed + 1)
+        lm = build_model(cp, args, torch.device("cpu")).lm
+        cfg_ne = (lm.cfg, lm.num_params(non_embedding=True))
+        del lm
     if "dph" in secs:
         d = {"preset": cp, "prompt_len": args.prompt_len, "answer_len": args.answer_len,
              "batch": args.dph_batch, "optimizer_step": False,
-             "shapes": layout_shapes(data["dph_items"], args.dph_batch, tok.pad),
+             "shapes": layout_shapes(data["dph_items"], args.dph_batch, tok.pad, *cfg_ne,
+                                     "dph"),
              "collate_pairs_per_s": collate_rate(data["dph_items"], args.dph_batch, tok.pad,
                                                  args.seconds), "variants": {}}
         for v, dpo in (("head", False), ("head+dpo", True)):
@@ -946,7 +1020,8 @@ def main(argv=None):
     if "eval" in secs:
         e = {"preset": cp, "prompt_len": args.prompt_len, "answer_len": args.answer_len,
              "candidates": args.candidates, "batch_items": args.eval_batch,
-             "shapes": layout_shapes(data["eval_items"], args.eval_batch, tok.pad)}
+             "shapes": layout_shapes(data["eval_items"], args.eval_batch, tok.pad, *cfg_ne,
+                                     "eval")}
         e.update(run_pairs("eval", cp, data, args, device, dtype, sync))
         R["eval"] = e
         specs += [{"kind": "eval", "preset": cp, "layout": lay} for lay in ("shared", "padded")]

@@ -598,13 +598,17 @@ def score_choices(model, batch: ChoiceBatch, rewards: bool = True, logps: bool =
     """One forward pass over a ChoiceBatch. Returns per-answer tensors (S,):
     'rewards' (the head at <|im_end|>), 'logp' (summed log-prob of content + <|im_end|>, what DPO
     uses), 'logp_content' (content tokens only) and 'n_content' (content token count)."""
-    from losses import token_logps
     out = model(batch.idx, batch.pos, batch.mask(), logits_at=batch.logits_at if logps else None)
     res = {}
     if rewards:
         res["rewards"] = model.reward(out.hidden, batch.pool)
     if logps:
-        lp = token_logps(out.logits[batch.site_logit], batch.site_tgt)  # (M,)
+        # log p(t | row) = logit_t - logsumexp(row), normalised once per logits row (N, V): the
+        # shared-prefix layout reads the prompt's last row for every branch, and gathering the
+        # (M, V) rows per site first would copy them (what losses.token_logps would need)
+        logits = out.logits.float()  # (N, V)
+        lse = torch.logsumexp(logits, dim=-1)  # (N,)
+        lp = logits[batch.site_logit, batch.site_tgt] - lse[batch.site_logit]  # (M,)
         S = batch.n_seqs
         res["logp"] = torch.zeros(S, device=lp.device, dtype=lp.dtype).index_add(0, batch.site_seq, lp)
         content = ~batch.site_end
