@@ -626,8 +626,8 @@ def score_choices(model, batch: ChoiceBatch, rewards: bool = True, logps: bool =
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["download"]:
-        import loaders
-        return loaders.main(argv[1:])
+        import download
+        return download.main(argv[1:])
     if argv[:1] == ["show"]:
         import argparse
         from tasks import resolve_tasks

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import download  # noqa: E402
 import loaders  # noqa: E402
 import tasks  # noqa: E402
 from tasks import ChoiceExample, InstructionExample, PreferenceExample, TaskError, TextExample  # noqa: E402
@@ -608,14 +609,14 @@ def test_download_from_local_server(server, tmp_path, monkeypatch):
     dd = tmp_path / "data"
     # the real SST-2 checksum does not match the fixture: refused, and nothing is left behind
     with pytest.raises(TaskError, match=r"SST-2\.zip: sha256 [0-9a-f]{64} is not the expected d67e16fb"):
-        loaders.download(["glue/sst2"], dd, base_urls=base, log=lambda s: None)
+        download.download(["glue/sst2"], dd, base_urls=base, log=lambda s: None)
     assert _files(dd) == []
-    D = loaders.Download
-    url = loaders.DOWNLOADS["glue/sst2"][0].url
-    monkeypatch.setitem(loaders.DOWNLOADS, "glue/sst2", [D(url, _sha(sst2), "glue")])
+    D = download.Download
+    url = download.DOWNLOADS["glue/sst2"][0].url
+    monkeypatch.setitem(download.DOWNLOADS, "glue/sst2", [D(url, _sha(sst2), "glue")])
     for t in ("race/middle", "race/high"):
-        monkeypatch.setitem(loaders.DOWNLOADS, t, [D(loaders.DOWNLOADS[t][0].url, _sha(race), "race")])
-    loaders.download("glue/sst2,race", dd, base_urls=base, log=lambda s: None)
+        monkeypatch.setitem(download.DOWNLOADS, t, [D(download.DOWNLOADS[t][0].url, _sha(race), "race")])
+    download.download("glue/sst2,race", dd, base_urls=base, log=lambda s: None)
     assert "glue/SST-2/train.tsv" in _files(dd) and "race/RACE/test/high/1.txt" in _files(dd)
     assert not any("MACOSX" in f or f.endswith(".part") or f.endswith(".zip") for f in _files(dd))
     assert len(tasks.REGISTRY["glue/sst2"].load("train", data_dir=dd)) == 3
@@ -623,10 +624,10 @@ def test_download_from_local_server(server, tmp_path, monkeypatch):
     assert ex.label == 1 and ex.candidates[1] == "B. blue"
     # a second run finds everything in place and fetches nothing
     assert len(_Quiet.hits) == 3  # SST-2 twice (refused, then accepted), RACE once
-    loaders.download(["race", "glue/sst2"], dd, base_urls=base, log=lambda s: None)
+    download.download(["race", "glue/sst2"], dd, base_urls=base, log=lambda s: None)
     assert len(_Quiet.hits) == 3
     # the CLI entry point data.py calls
-    assert loaders.main(["download", "--tasks", "glue/sst2", "--data-dir", str(tmp_path / "d2"),
+    assert download.main(["download", "--tasks", "glue/sst2", "--data-dir", str(tmp_path / "d2"),
                          "--base-url", base]) == 0
     assert (tmp_path / "d2/glue/SST-2/dev.tsv").exists()
 
@@ -635,11 +636,11 @@ def test_download_errors(server, tmp_path, monkeypatch, capsys):
     root, base = server
     with pytest.raises(TaskError,
                        match=r"download http://127\.0\.0\.1:\d+/boolq/train\.jsonl: HTTP Error 404"):
-        loaders.download(["boolq"], tmp_path / "d", base_urls=base, log=lambda s: None)
+        download.download(["boolq"], tmp_path / "d", base_urls=base, log=lambda s: None)
     assert _files(tmp_path / "d") == []
     with pytest.raises(TaskError, match="no download for 'synth/sentiment'"):
-        loaders.download(["synth/sentiment"], tmp_path / "d")
-    assert loaders.main(["--tasks", "boolq", "--data-dir", str(tmp_path / "d"), "--base-url", base]) == 1
+        download.download(["synth/sentiment"], tmp_path / "d")
+    assert download.main(["--tasks", "boolq", "--data-dir", str(tmp_path / "d"), "--base-url", base]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: download ") and "404" in err[-1]
     # an archive member escaping the target folder is refused
@@ -647,16 +648,16 @@ def test_download_errors(server, tmp_path, monkeypatch, capsys):
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("../evil.txt", "x")
     (root / "evil.zip").write_bytes(buf.getvalue())
-    evil = loaders.Download("https://example.org/evil.zip", None, "glue")
-    monkeypatch.setitem(loaders.DOWNLOADS, "glue/wnli", [evil])
+    evil = download.Download("https://example.org/evil.zip", None, "glue")
+    monkeypatch.setitem(download.DOWNLOADS, "glue/wnli", [evil])
     with pytest.raises(TaskError, match="outside"):
-        loaders.download(["glue/wnli"], tmp_path / "e", base_urls=base, log=lambda s: None)
+        download.download(["glue/wnli"], tmp_path / "e", base_urls=base, log=lambda s: None)
     assert not (tmp_path / "evil.txt").exists() and _files(tmp_path / "e") == []
 
 
 def test_redirect():
     u = "https://dl.fbaipublicfiles.com/glue/data/CoLA.zip"
-    assert loaders._redirect(u, None) == u
-    assert loaders._redirect(u, "http://127.0.0.1:8000/") == "http://127.0.0.1:8000/glue/data/CoLA.zip"
+    assert download._redirect(u, None) == u
+    assert download._redirect(u, "http://127.0.0.1:8000/") == "http://127.0.0.1:8000/glue/data/CoLA.zip"
     mirror = {"https://dl.fbaipublicfiles.com/glue/": "file:///m/"}
-    assert loaders._redirect(u, mirror) == "file:///m/data/CoLA.zip"
+    assert download._redirect(u, mirror) == "file:///m/data/CoLA.zip"
