@@ -674,10 +674,13 @@ def attention_backend(cfg, B, T, device, dtype) -> dict:
             kern = [k for k in ("flash", "efficient", "cudnn", "math") if any(k in o for o in ops)]
             out[label] = {"kernel": "+".join(kern) or "unknown", "how": "profiler", "ops": ops}
     if device.type == "cuda":
-        out["note"] = (f"a boolean attn_mask rules out the FlashAttention kernels, so packed and "
-                       f"shared-prefix batches run {out['masked']['kernel']} (memory-efficient "
-                       f"attention takes arbitrary masks; math is the slow fallback); unmasked "
-                       f"causal batches run {out['causal']['kernel']}")
+        km, kc = out["masked"]["kernel"], out["causal"]["kernel"]
+        if km == "math":
+            out["note"] = ("masked batches FALL BACK to the math kernel (materialises the T×T "
+                           "scores): expect packed/shared-prefix batches to be slow and memory-bound")
+        else:
+            out["note"] = (f"masked batches run {km}, a fused kernel that takes the boolean mask "
+                           f"(FlashAttention does not take one); unmasked causal ones run {kc}")
     else:
         out["note"] = ("CPU: the flash-attention CPU kernel takes the boolean mask as well (no "
                        "fallback to the math kernel); it computes every key block either way")
