@@ -539,6 +539,18 @@ def load_split(specs, split: str, data_dir: str, seed: int, kinds=None, limit: i
     return out
 
 
+def trained_only(val: dict, train: dict) -> dict:
+    """The validation examples of the tasks being trained on: the validation loss (SFT) and the
+    validation reward accuracy (DPH) measure held-out data of the training tasks. A task with a
+    validation split but no train split (e.g. BoolQ or PIQA in some copies) is left to
+    evaluate.py, which scores it zero-shot; mixing it in would hide the training curve."""
+    left = sorted(set(val) - set(train))
+    if left:
+        print(f"note: {', '.join(left)}: not trained here, so not in the validation metrics "
+              "(evaluate.py scores them)", file=sys.stderr)
+    return {k: v for k, v in val.items() if k in train}
+
+
 def start_run(model, cfg, dist, device, state, start: int):
     """What both training scripts do once their inputs are checked: per-rank seeds, the DDP
     wrapper (and torch.compile), then rank 0 alone prepares --out and opens metrics.jsonl.

@@ -192,7 +192,8 @@ def main(argv=None):
     if cfg.label_noise:
         train = {k: apply_label_noise(v, cfg.label_noise, cfg.seed) for k, v in train.items()}
     check_fit(tok, train, max_len)
-    val = common.load_split(specs, "validation", cfg.data_dir, cfg.data_seed, required=False)
+    val = common.trained_only(common.load_split(specs, "validation", cfg.data_dir, cfg.data_seed,
+                                                required=False), train)
     val_exs = [ex for exs in val.values() for ex in exs]
     random.Random(cfg.seed).shuffle(val_exs)
     val_items = make_pairs(tok, val_exs, random.Random(12345), max_len)[:cfg.eval_pairs]

@@ -153,8 +153,8 @@ def main(argv=None):
     train = common.load_split(specs, "train", cfg.data_dir, cfg.data_seed, limit=cfg.max_examples)
     if cfg.label_noise:
         train = {k: apply_label_noise(v, cfg.label_noise, cfg.seed) for k, v in train.items()}
-    val = common.load_split(specs, "validation", cfg.data_dir, cfg.data_seed, limit=200,
-                            required=False)
+    val = common.trained_only(common.load_split(specs, "validation", cfg.data_dir,
+                                                cfg.data_seed, limit=200, required=False), train)
 
     if state is not None:  # the run's own tokenizer, shape and starting weights
         from tokenizers import Tokenizer

@@ -110,3 +110,16 @@ def test_help_lists_every_option():
         out = run(script, "--help").stdout
         for f in flags + ["--device", "--dtype", "--seed"]:
             assert f in out, f"{script} --help lacks {f}"
+
+
+def test_validation_metrics_cover_trained_tasks_only(capsys):
+    """A task with a validation split but no train split is evaluated zero-shot by evaluate.py,
+    not mixed into the training scripts' validation loss / reward accuracy."""
+    sys.path.insert(0, ROOT)
+    import common
+    train = {"a": [1, 2], "b": [3]}
+    val = {"a": [4], "b": [5], "zero_shot": [6]}
+    assert common.trained_only(val, train) == {"a": [4], "b": [5]}
+    assert "zero_shot: not trained here" in capsys.readouterr().err
+    assert common.trained_only({"a": [4]}, train) == {"a": [4]}
+    assert capsys.readouterr().err == ""
