@@ -29,9 +29,10 @@ SFT step computes logits only at positions that have a target, we also report
 rate measured in the same round as the step (so both see the same machine load); MFU against
 the best peak of the whole run is reported too.
 
-    python bench.py                          # small + base on this machine (~5-10 min on 2 cores)
+    python bench.py                          # small + base on this machine (~8 min on 2 cores)
     python bench.py --quick                  # tiny preset, seconds; the smoke test runs this
-    python bench.py --device cuda --dtype bfloat16 --presets paper --choice-preset base
+    python bench.py --device cuda --dtype bfloat16 --presets paper --choice-preset paper \
+        --seq-len 2048 --sft-batch 8 --dph-batch 32 --eval-batch 32   # what README reports
 """
 from __future__ import annotations
 
