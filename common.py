@@ -427,7 +427,7 @@ def make_optimizer(params, lr, betas=(0.9, 0.95), device=None):
 def load_init(path: str):
     """A checkpoint to start from -> (model, config dict, ChatTokenizer). Its tokenizer must be
     there and fit the model's embedding table."""
-    from data import ChatTokenizer
+    from chat_tokenizer import ChatTokenizer
     from model import TOKENIZER, CheckpointError, load_checkpoint
     f = os.path.join(path, TOKENIZER)
     if os.path.isdir(path) and not os.path.isfile(f):

@@ -30,7 +30,8 @@ from tqdm import tqdm
 import common
 import metrics as M
 from common import UsageError, opt
-from data import ChatTokenizer, ChoiceItem, answer_branch, collate_choices, eval_items, \
+from chat_tokenizer import ChatTokenizer
+from data import ChoiceItem, answer_branch, collate_choices, eval_items, \
     render_prompt, score_choices
 from model import generate, load_checkpoint
 from tasks import SYSTEM_PROMPTS, MissingSplit, resolve_tasks

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 import common
 from common import UsageError, opt
-from data import (ChatTokenizer, TaskSampler, apply_label_noise, collate_choices, make_pairs,
-                  score_choices)
+from chat_tokenizer import ChatTokenizer
+from data import (TaskSampler, apply_label_noise, collate_choices, make_pairs, score_choices)
 from losses import dph_loss, dpo_loss, reward_penalty
 from model import DPHModel, ModelConfig, PreferenceHead, save_checkpoint, save_train_state
 from tasks import TaskError, resolve_tasks

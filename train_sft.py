@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 import common
 from common import UsageError, opt
-from data import (IGNORE, ChatTokenizer, PackedBatch, SFTStream, apply_label_noise, sft_document,
-                  training_text)
+from chat_tokenizer import ChatTokenizer, training_text
+from data import IGNORE, PackedBatch, SFTStream, apply_label_noise, sft_document
 from losses import sft_loss
 from model import DPHModel, ModelConfig, padded_vocab, preset, save_checkpoint, save_train_state
 from tasks import TextExample, resolve_tasks

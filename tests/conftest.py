@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # hand-off made each forward ~50x slower (0.12 s instead of 2 ms).
 torch.set_num_threads(1)
 
-from data import ChatTokenizer  # noqa: E402
+from chat_tokenizer import ChatTokenizer  # noqa: E402
 from model import DPHModel, padded_vocab, preset  # noqa: E402
 
 # Hand-written text the tokenizer is trained on: chat-ish sentences plus the words the tests use

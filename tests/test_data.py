@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 import torch
 
-from data import (IGNORE, ChatTokenizer, Doc, SFTStream, answer_branch, apply_label_noise,
+from chat_tokenizer import ChatTokenizer  # noqa: E402
+from data import (IGNORE, Doc, SFTStream, answer_branch, apply_label_noise,
                   best_fit, collate_choices, collate_packed, eval_items, make_pairs, render,
                   render_prompt, score_choices, sft_document, sft_messages)
 from tasks import ChoiceExample, InstructionExample, PreferenceExample, prompt

@@ -296,7 +296,7 @@ def test_checkpoint_round_trip_exact(tmp_path, make_model, vocab, tok):
         assert torch.equal(a.logits, b.logits)
         assert torch.equal(m.reward(a.hidden, index), m2.reward(b.hidden, index))
 
-    from data import ChatTokenizer
+    from chat_tokenizer import ChatTokenizer
     tok2 = ChatTokenizer.from_file(str(ck / "tokenizer.json"))
     s = "Hello there, <|im_end|> how are you?"
     assert tok2.encode(s) == tok.encode(s)
