@@ -65,8 +65,9 @@ import time
 import torch
 
 import common
-from data import (IGNORE, ChatTokenizer, ChoiceItem, PackedBatch, SFTStream, TaskSampler,
-                  collate_choices, padded_sft_batch, score_choices, training_text)
+from chat_tokenizer import ChatTokenizer, training_text
+from data import (IGNORE, ChoiceItem, PackedBatch, SFTStream, TaskSampler, collate_choices,
+                  padded_sft_batch, score_choices)
 from losses import dph_loss, dpo_loss, sft_loss
 from model import PRESETS, DPHModel, attention_mask, generate, preset
 
@@ -896,28 +897,28 @@ def fmt_table(R) -> str:
                 f"{r['efficiency']:.1%} over {r['rows']} rows of {r['seq_len']} "
                 f"({r['tokens_per_doc']} tokens/conversation)" if "efficiency" in r
                 else r.get("skipped", "")))
+    def layout_rows(kind, preset, label, r, unit, flop_ratio):
+        """shared and padded rates (median round, best call), then their ratio."""
+        name = label + " " if label else ""
+        for lay in ("shared", "padded"):
+            key = "/".join((kind, preset) + ((label,) if label else ()) + (lay,))
+            L.append(f"  {name + lay:17s} {r[lay][unit]:9.2f} {r[lay][unit + '_best']:9.2f} "
+                     f"{memcol(key)}")
+        L.append(f"  {name}shared/padded {r['speedup']['median']:.2f}× (FLOP ratio "
+                 f"{flop_ratio:.2f}×)")
+
     if "dph" in R:
         d = R["dph"]
         L.append("")
         L.append(f"DPH training, {d['preset']}, prompt {d['prompt_len']} + 2×{d['answer_len']} "
                  f"tokens, {d['batch']} pairs/step: pairs/s (median round, best call)")
         for v, r in d["variants"].items():
-            for lay in ("shared", "padded"):
-                key = "/".join(("dph", d["preset"], v, lay))
-                L.append(f"  {v:9s} {lay:7s} {r[lay]['pairs_per_s']:9.2f} "
-                         f"{r[lay]['pairs_per_s_best']:9.2f} {memcol(key)}")
-            L.append(f"  {v:9s} shared/padded {r['speedup']['median']:.2f}× (FLOP ratio "
-                     f"{d['shapes']['flop_ratio'][v]:.2f}×)")
+            layout_rows("dph", d["preset"], v, r, "pairs_per_s", d["shapes"]["flop_ratio"][v])
     if "eval" in R:
         e = R["eval"]
         L.append(f"evaluation, {e['preset']}, {e['candidates']} candidates/item: "
                  f"candidates/s (median, best)")
-        for lay in ("shared", "padded"):
-            key = "/".join(("eval", e["preset"], lay))
-            L.append(f"  {lay:17s} {e[lay]['candidates_per_s']:9.2f} "
-                     f"{e[lay]['candidates_per_s_best']:9.2f} {memcol(key)}")
-        L.append(f"  shared/padded {e['speedup']['median']:.2f}× (FLOP ratio "
-                 f"{e['shapes']['flop_ratio']['eval']:.2f}×)")
+        layout_rows("eval", e["preset"], "", e, "candidates_per_s", e["shapes"]["flop_ratio"]["eval"])
     if "generate" in R:
         g = R["generate"]
         L.append(f"generation, {g['preset']}, {g['samples_per_call']} samples × {g['new_tokens']} "
