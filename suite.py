@@ -20,15 +20,21 @@ evaluation code serves the real datasets later.
     synth/preference     HH-RLHF            chosen vs rejected answer          acc
     synth/instruct       Alpaca             one exact answer (SFT, --generate)  -
 
-Difficulty is graded inside each family: some items are settled by one keyword ("great"), others
-need composition (negation and double negation, "but"/"although" clauses where the main clause
-decides, subject-verb agreement across an intervening phrase, counting, comparing two people,
-tracking who holds what and who is where through a story, the order of steps in a routine). A
-fraction NOISE (6%) of each family's items is genuinely ambiguous and its gold label is drawn at
-random: a neutral or two-sided review, a borderline sentence, "some apples" against "three
-apples", a hypothesis or question the passage does not settle, an annotator-style jitter on the
-similarity score, a filler step as plausible as the next one, two equally good answers. Each
-generator says which. So no readout can reach 100%, and chance is the floor.
+Difficulty is graded inside each family, so that a small model trained by the quick start lands
+between chance and 100%: part of the items has a surface cue a model picks up first (two thirds of
+the reviews are settled by one keyword, most often a common one, "good", "bad"; half of the claims
+in entailment, rte and boolq are worded in a way that hints at the label, as annotators' wording
+does in MNLI: negated claims are mostly false, "someone" claims mostly true, comparisons mostly
+open; 40% of the paraphrase negatives differ in polarity, "did not"; a fifth of the unacceptable
+sentences has a verb form no acceptable one uses, "sleeped"), the others need composition (negation
+and double negation, "but"/"although" clauses where the main clause decides, subject-verb agreement
+across an intervening phrase, counting, comparing two people, tracking who holds what and who is
+where through a story, the order of steps in a routine). A fraction NOISE (6%) of each family's
+items is genuinely ambiguous and its gold label is drawn at random: a neutral or two-sided review,
+a borderline sentence, "some apples" against "three apples", a hypothesis or question the passage
+does not settle, an annotator-style jitter on the similarity score, a filler step as plausible as
+the next one, two equally good answers. Each generator says which. So no readout can reach 100%,
+and chance is the floor.
 
 Sizes: train 2000, validation 200, test 300 per family (`n` overrides). The generator of each
 (family, split) is seeded with crc32(f"{seed}/{family}/{split}"), so lists are identical across
@@ -123,8 +129,8 @@ PLAIN = "long short loud quiet new old simple strange".split()
 LIKE, DISLIKE = ("loved", "liked", "enjoyed"), ("hated", "disliked")
 INTENSIFIERS = ("", "", "", "very ", "really ", "so ", "truly ")
 SENTIMENT_FORMS = (  # (weight, template): Y = words of the label's polarity, N = the opposite one
-    (3, "The {t} was {Y}."),  # a keyword decides
-    (2, "{name} {VY} the {t}."),
+    (16, "The {t} was {Y}."),  # a keyword decides (two thirds of the items)
+    (8, "{name} {VY} the {t}."),
     (2, "The {t} was not {N}."),  # negation flips
     (1, "The {t} was never {N}."),
     (1, "It is not true that the {t} was {N}."),
@@ -135,8 +141,9 @@ SENTIMENT_FORMS = (  # (weight, template): Y = words of the label's polarity, N 
     (1, "The {a} was not {Y}, but the {t} was not {N}."),
     (1, "{name} {VN} the {a}, but {pron} {VY} the {t}."),
 )
+ZIPF = [1 / rank ** 2 for rank in range(1, len(GOOD) + 1)]
 SETTINGS = ("On {day}, {name} and {other} went to the {place}.",
-            "{name} told {other} about the {t}.", "{other} asked {name} about the {t}.", "")
+            "{name} told {other} about the {t}.", "{other} asked {name} about the {t}.", "", "", "")
 
 
 def _make_sentiment(rng, keep):
@@ -145,8 +152,8 @@ def _make_sentiment(rng, keep):
     y = rng.randrange(2)
     t, (a, a2), (name, other) = rng.choice(TOPICS), rng.sample(ASPECTS, 2), rng.sample(NAMES, 2)
 
-    def adj(pol):
-        return rng.choice(INTENSIFIERS) + rng.choice(GOOD if pol else BAD)
+    def adj(pol):  # the first words of each list are the most frequent ones (1/rank²)
+        return rng.choice(INTENSIFIERS) + rng.choices(GOOD if pol else BAD, ZIPF)[0]
 
     if rng.random() < NOISE:
         s = rng.choice((f"The {t} was {rng.choice(PLAIN)}.",
@@ -170,6 +177,11 @@ TRANSITIVE = (("chases", "chase", "chased"), ("sees", "see", "saw"), ("likes", "
               ("watches", "watch", "watched"), ("holds", "hold", "held"))
 INTRANSITIVE = (("sleeps", "sleep", "slept"), ("runs", "run", "ran"), ("sings", "sing", "sang"),
                 ("waits", "wait", "waited"), ("plays", "play", "played"))
+BAD_FORMS = {  # base -> forms no acceptable sentence uses: an over-regular past, a bare -ing
+    "chase": ("chasing",), "see": ("seed", "seeing"), "like": ("liking",),
+    "find": ("finded", "finding"), "carry": ("carrying",), "watch": ("watching",),
+    "hold": ("holded", "holding"), "sleep": ("sleeped", "sleeping"), "run": ("runned", "running"),
+    "sing": ("singed", "singing"), "wait": ("waiting",), "play": ("playing",)}
 SIZE_WORDS = ("big", "small", "tired", "happy", "young")
 SINGULAR_DETS, PLURAL_DETS = ("the", "a", "this", "my"), ("the", "some", "these", "my", "two")
 
@@ -188,8 +200,9 @@ def _noun_phrase(rng, nouns, plural, adjectives):
 def _make_acceptability(rng, keep):
     """A small clause grammar (det, adjective, noun, verb, object, adjunct) with attractor phrases
     ("the dog near the cats chases"), coordinated subjects and relative clauses. ~30% broken by one
-    error: agreement, swapped neighbours, missing verb, doubled or mismatched determiner, adjective
-    after its noun. Noise: a transitive verb left without its object (borderline)."""
+    error: agreement, swapped neighbours, missing verb, a wrong verb form ("the dog sleeped", "the
+    dog running"), doubled or mismatched determiner, adjective after its noun. Noise: a transitive
+    verb left without its object (borderline)."""
     plural = first_plural = rng.random() < 0.5
     subj = _noun_phrase(rng, CREATURES, plural, SIZE_WORDS)
     noun_i = len(subj) - 1
@@ -216,9 +229,12 @@ def _make_acceptability(rng, keep):
         words, y = subj + [words[vi]] + tail, rng.randrange(2)
     elif kind < NOISE + 0.3:
         y = 0
-        error = rng.choice(("agreement", "agreement", "swap", "no_verb", "double_det", "det_number",
-                            "adj_after"))
-        if error == "agreement" and not past:
+        error = rng.choice(("agreement", "agreement", "swap", "no_verb", "bad_form", "bad_form",
+                            "bad_form", "double_det", "double_det", "det_number", "det_number",
+                            "adj_after", "adj_after"))
+        if error == "bad_form":
+            words[vi] = rng.choice(BAD_FORMS[forms[1]])
+        elif error == "agreement" and not past:
             words[vi] = forms[0] if plural else forms[1]
         elif error in ("agreement", "swap"):
             i = rng.randrange(len(words) - 1)
@@ -264,7 +280,7 @@ def _event(rng, kind=None):
     return {"kind": kind, "agent": agent, "patient": patient, "place": rng.choice(PLACES),
             "verb": rng.randrange(len(_verbs({"kind": kind}))),
             "n": rng.randint(1, 9), "colour": rng.choice(COLOURS), "obj": rng.choice(OBJECTS),
-            "neg": rng.random() < 0.2}
+            "neg": rng.random() < 0.1}
 
 
 def _verbs(e):
@@ -318,16 +334,21 @@ CHANGEABLE = {"thing": ("agent", "verb", "n", "colour", "obj", "place", "neg"),
               "meet": ("agent", "patient", "place", "neg")}
 
 
+NEG_SHARE = 0.4  # "no" pairs whose difference is the polarity ("did not", "was not")
+
+
 def _make_paraphrase(rng, keep):
     """Yes: the same event in two surface forms (synonyms, active/passive, reordering, "met" is
-    symmetric). No: one argument, number, colour, place, verb or the polarity changed, or the two
-    people swapped. Noise: "some apples" against a definite number."""
+    symmetric). No: the polarity changed (NEG_SHARE of them), or one argument, number, colour,
+    place, verb or the polarity changed, or the two people swapped. Noise: "some apples" against
+    a definite number."""
     e, y = _event(rng), rng.randrange(2)
     if rng.random() < NOISE:
         e = _event(rng, "thing")
         e2, y = dict(e, n=None), rng.randrange(2)
     else:
-        e2 = e if y else _change(rng, e, rng.choice(CHANGEABLE[e["kind"]]))
+        field = "neg" if rng.random() < NEG_SHARE else rng.choice(CHANGEABLE[e["kind"]])
+        e2 = e if y else _change(rng, e, field)
     a = _render(rng, e)
     b = _render(rng, e2)
     for _ in range(10):  # a paraphrase pair is never the same string twice
@@ -473,11 +494,21 @@ def _ask(c) -> str:
     return question or f"Is it true that {_phrase(c)}?"
 
 
+CUES = {True: ("some", "someone_has", "someone_at"), None: ("more", "together"),
+        False: ("none", "nobody_at", "not_at")}
+CUE_SHARE = 0.5  # claims whose wording alone hints at the label (MNLI's "annotation artifacts")
+
+
 def _claim_with(rng, w, want):
-    """A claim with truth value `want`: the kind first (uniform, so that easy kinds do not crowd
-    out hard ones), then its arguments, retried; another kind if this world cannot give it."""
+    """A claim with truth value `want`: the kind first, then its arguments, retried; another kind
+    if this world cannot give it. A share CUE_SHARE of the kinds comes from the label's cue kinds
+    (negated claims are mostly false, "someone" claims mostly true, comparisons mostly open), as
+    annotators' wording gives labels away in MNLI; the rest is uniform over the kinds that can
+    take the value, so that easy kinds do not crowd out hard ones."""
+    cue = rng.random() < CUE_SHARE
     for _ in range(200):
-        kind = rng.choice(CAN_BE[want])
+        kind = rng.choice(CUES[want] if cue else CAN_BE[want])
+        cue = False
         for _ in range(20):
             c = _claim(rng, w, kind)
             if _truth(c, w) is want:

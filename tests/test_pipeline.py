@@ -66,8 +66,11 @@ def test_reward_accuracy_rose_above_chance(pipeline):
     before, after = [r for r in log if r["split"] == "train_pairs"]
     assert before["pairs"] == after["pairs"] >= 100
     assert after["rewards/accuracies"] > 0.6, f"reward accuracy on training pairs {after}"
-    assert after["rewards/accuracies"] > before["rewards/accuracies"] + 0.05
-    assert after["rewards/margins"] > before["rewards/margins"]
+    # the fresh head gives every answer about the same reward (margin ~0), so its accuracy before
+    # training is a coin flip per answer type (0.44 to 0.74 in our runs of this small mixture):
+    # the rise shows in the margin, which must grow from ~0 to a clear separation
+    assert abs(before["rewards/margins"]) < 0.05, before
+    assert after["rewards/margins"] > before["rewards/margins"] + 0.25, (before, after)
     val = [r for r in log if r["split"] == "validation"]
     assert val and 0.0 <= val[-1]["rewards/accuracies"] <= 1.0
 

@@ -1,6 +1,7 @@
 """Tests of the built-in suite (suite.py): sizes, formats, verbalisers, determinism, disjoint
 splits, label balance and prompt lengths. Run: python -m pytest -q tests/test_suite.py -s
 (-s shows the table of prompt lengths)."""
+import re
 import sys
 import time
 from collections import Counter
@@ -147,8 +148,14 @@ def test_label_balance(name, low, high):
 
 
 def test_acceptability_is_cola_like():
-    share_no = sum(ex.label == 0 for ex in load("synth/acceptability", "train")) / 2000
+    exs = load("synth/acceptability", "train")
+    share_no = sum(ex.label == 0 for ex in exs) / len(exs)
     assert 0.25 <= share_no <= 0.4
+    # a wrong verb form ("sleeped", "running") is one of the errors, and only ever an error
+    bad = {w for forms in suite.BAD_FORMS.values() for w in forms}
+    marked = [ex for ex in exs if bad & set(user(ex).splitlines()[-2][:-1].split())]
+    assert 0.03 <= len(marked) / len(exs) <= 0.15
+    assert all(ex.label == 0 for ex in marked)
 
 
 def test_continuation_gold_position():
@@ -175,6 +182,55 @@ def test_instruct_answers_are_exact():
             assert ex.answer.split() == q.split(": ")[1].split()[::-1]
         elif q.startswith("Sort these words"):
             assert ex.answer.split(", ") == sorted(q.split(": ")[1].split(", "))
+
+
+def test_most_of_sentiment_is_one_keyword():
+    # the graded difficulty: two thirds of the reviews are decided by one adjective or verb, the
+    # rest need negation, double negation or a contrast clause
+    good, bad = "|".join(suite.GOOD), "|".join(suite.BAD)
+    verbs = "|".join(suite.LIKE + suite.DISLIKE)
+    keyword = rf"(The \w+ was ((very|really|so|truly) )?({good}|{bad})|\w+ ({verbs}) the \w+)\.$"
+    exs = load("synth/sentiment", "train")
+    share = sum(bool(re.search(keyword, user(ex).splitlines()[-2])) for ex in exs) / len(exs)
+    assert 0.55 <= share <= 0.8, share
+
+
+def _wording_guess(name, line):
+    """A rule that reads the hypothesis or question alone: None when its wording gives no hint."""
+    if re.search(r"\b(not|no|nobody)\b", line):
+        guess = "false"
+    elif re.search(r"\b(someone|anyone|some|any)\b", line):
+        guess = "true"
+    elif " than " in line or "together" in line:
+        guess = "open"
+    else:
+        return None
+    return {"synth/entailment": {"true": 0, "open": 1, "false": 2},
+            "synth/rte": {"true": 0, "open": 1, "false": 1},
+            "synth/boolq": {"true": 1, "open": None, "false": 0}}[name][guess]
+
+
+@pytest.mark.parametrize("name", ["synth/entailment", "synth/rte", "synth/boolq"])
+def test_claim_wording_hints_but_does_not_decide(name):
+    # as in MNLI, the wording of a claim hints at its label (negations are mostly false,
+    # "someone" claims mostly true, comparisons mostly open) on part of the items: a rule that
+    # never reads the passage beats chance where it fires, and is far from perfect overall
+    exs = load(name, "test")
+    guesses = [(_wording_guess(name, user(ex).splitlines()[-2]), ex.label) for ex in exs]
+    fired = [(g, y) for g, y in guesses if g is not None]
+    hit = sum(g == y for g, y in fired) / len(fired)
+    chance = 1 / len(exs[0].candidates)
+    assert 0.2 <= len(fired) / len(exs) <= 0.7, len(fired)
+    assert chance + 0.15 <= hit <= 0.97, hit
+    overall = (sum(g == y for g, y in fired) + chance * (len(exs) - len(fired))) / len(exs)
+    assert overall <= 0.8, overall
+
+
+def test_paraphrase_negatives_often_differ_in_polarity():
+    exs = [ex for ex in load("synth/paraphrase", "train") if ex.label == 0]
+    one_sided = sum(user(ex).splitlines()[-3].count(" not ") != user(ex).splitlines()[-2]
+                    .count(" not ") for ex in exs)
+    assert 0.3 <= one_sided / len(exs) <= 0.6, one_sided / len(exs)
 
 
 def test_noise_fraction_is_small():
