@@ -462,7 +462,8 @@ def sft_workload(name, mode, batches, args, device, dtype):
 
 
 def choice_batches(items, per_batch, layout, pad_id, device):
-    return [collate_choices(items[i:i + per_batch], layout, pad_id).to(device)
+    end = items[0].branches[0][-1]  # race_items ends every branch in <|im_end|>
+    return [collate_choices(items[i:i + per_batch], layout, pad_id, end_id=end).to(device)
             for i in range(0, len(items), per_batch)]
 
 
@@ -769,7 +770,7 @@ def layout_shapes(items, per_batch, pad, cfg, n_ne, kind):
     that; DPH with cDPO adds the reference model's forward."""
     out, raw = {}, {}
     for layout in ("shared", "padded"):
-        b = collate_choices(items[:per_batch], layout, pad)
+        b = collate_choices(items[:per_batch], layout, pad, end_id=items[0].branches[0][-1])
         real = b.doc >= 0
         pairs = int((attention_mask(b.doc, b.branch)[:, 0] & real[:, :, None]).sum())
         trunk = 2 * n_ne * int(real.sum()) + 4 * cfg.d_model * cfg.n_layers * pairs
@@ -791,7 +792,7 @@ def collate_rate(items, per_batch, pad, seconds):
     res = {}
     for layout in ("shared", "padded"):
         def fn():
-            collate_choices(items[:per_batch], layout, pad)
+            collate_choices(items[:per_batch], layout, pad, end_id=items[0].branches[0][-1])
             return per_batch
         res[layout] = round(timed(fn, min(seconds, 0.5), lambda: None), 1)
     return res

@@ -9,6 +9,7 @@ Special tokens are never produced from text (see ChatTokenizer); data.py inserts
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterable
 
@@ -22,17 +23,31 @@ class ChatTokenizer:
 
     Special tokens are never produced from text: `encode` treats "<|im_end|>" in a string as the
     ten characters it is (tokenizers' `encode_special_tokens` switch).
+
+    A tokenizer of this project has all four tokens; <|endoftext|> opens every document (`bos`).
+    A pretrained model's vocabulary (pretrained/) states its pad token in the tokenizer's own
+    padding setting, and its BOS, if it adds one, in its TemplateProcessing post-processor
+    ("<s> $A"); no such template means no BOS (`bos` None, `prefix` empty). Both settings live
+    in tokenizer.json, so a checkpoint keeps them.
     """
 
     def __init__(self, tok):
         self.tok = tok
         self.tok.encode_special_tokens = True
-        ids = [tok.token_to_id(s) for s in SPECIALS]
-        if any(i is None for i in ids):
-            missing = [s for s, i in zip(SPECIALS, ids) if i is None]
+        ids = {s: tok.token_to_id(s) for s in SPECIALS}
+        if tok.padding is not None:  # a pretrained vocabulary
+            ids["<|pad|>"] = tok.padding["pad_id"]
+            ids["<|endoftext|>"] = template_bos(tok)
+            need = ["<|im_start|>", "<|im_end|>"]
+        else:
+            need = SPECIALS
+        missing = [s for s in need if ids[s] is None]
+        if missing:
             raise ValueError(f"tokenizer lacks special tokens {missing}")
-        self.bos, self.pad, self.im_start, self.im_end = ids
-        assert self.pad != self.im_end
+        self.bos, self.pad, self.im_start, self.im_end = (ids[s] for s in SPECIALS)
+        if self.pad == self.im_end:
+            raise ValueError("the pad token is <|im_end|>, where the reward is read")
+        self.prefix = [] if self.bos is None else [self.bos]  # what opens every document
         self._cache = {}
 
     # -- construction
@@ -105,6 +120,20 @@ class ChatTokenizer:
         if text not in self._cache:
             self._cache[text] = self.encode(text)
         return self._cache[text]
+
+
+def template_bos(tok):
+    """The id a tokenizer's TemplateProcessing post-processor puts before a single sequence
+    ("<s> $A"), or None. (The Hugging Face way to say that a model adds a BOS token.)"""
+    if tok.post_processor is None:
+        return None
+    proc = json.loads(tok.post_processor.__getstate__())
+    procs = proc.get("processors", [proc]) if proc.get("type") == "Sequence" else [proc]
+    for p in procs:
+        first = p.get("single", [{}])[0] if p.get("type") == "TemplateProcessing" else {}
+        if "SpecialToken" in first:
+            return p["special_tokens"][first["SpecialToken"]["id"]]["ids"][0]
+    return None
 
 
 def training_text(examples) -> Iterable[str]:

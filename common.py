@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import dataclasses
 import glob
-import hashlib
 import json
 import math
 import os
@@ -90,6 +89,54 @@ def parse_config(cls, description: str, argv=None, extra=None):
     return cfg, ns
 
 
+INT_MAX = 2**63 - 1  # the largest seed or count torch and numpy take
+
+
+def _bound(text: str, kind):
+    return {"inf": math.inf, "-inf": -math.inf, "max": INT_MAX}.get(text) if \
+        text in ("inf", "-inf", "max") else kind(float(text) if kind is float else int(text))
+
+
+def check_ranges(cfg, ranges: dict):
+    """Every int and float field of the config dataclass `cfg` inside its own interval.
+
+    ranges: field name -> interval, e.g. "(0, inf)", "[0, 0.5)", "[1, max]" (max: INT_MAX).
+    A float is also refused when it is NaN or infinite, whatever its interval. A numeric field
+    with no declared interval is only checked for finiteness here (tests require one for every
+    field). Raises UsageError naming the flag, the interval and the value."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        kind = hints[f.name]
+        if kind not in (int, float) or isinstance(getattr(cfg, f.name), bool):
+            continue
+        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if f.metadata.get("alias"):
+            flag = f"{f.metadata['alias']}/{flag}"
+        if kind is float and not math.isfinite(v):
+            raise UsageError(f"{flag} must be a finite number, got {v}")
+        spec = ranges.get(f.name)
+        if spec is None:
+            continue
+        lo_open, hi_open = spec[0] == "(", spec[-1] == ")"
+        lo, hi = (_bound(t.strip(), kind) for t in spec[1:-1].split(","))
+        if (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi):
+            continue
+        below = v <= lo if lo_open else v < lo
+        if below and hi in (math.inf, INT_MAX):
+            if (lo, lo_open) == (0, True) or (lo, kind) == (1, int):
+                raise UsageError(f"{flag} must be positive, got {v}")
+            raise UsageError(f"{flag} must be {'>' if lo_open else '>='} {lo}, got {v}")
+        raise UsageError(f"{flag} must be in {spec.replace('max', str(INT_MAX))}, got {v}")
+
+
+def note_unused(argv, reasons: dict):
+    """A note for each flag the user set that has no effect here: {field: reason, or ''}."""
+    given = explicit_flags(argv)
+    for name, why in reasons.items():
+        if why and name in given:
+            print(f"note: --{name.replace('_', '-')} has no effect: {why}", file=sys.stderr)
+
+
 def explicit_flags(argv=None) -> set:
     """Config field names the user set on the command line (so inherited values yield to them)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -137,9 +184,24 @@ def resolve_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: choose from auto, cpu, cuda, cuda:N, mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                     and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {name}: MPS is not available on this machine")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise UsageError(f"--device {name}: use --device cpu")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device):
@@ -303,11 +365,10 @@ def barrier(dist: Dist):
 
 
 def weights_digest(model) -> str:
-    """sha256 over the bytes of every state-dict tensor, in order (model.pt holds the same)."""
-    h = hashlib.sha256()
-    for v in model.state_dict().values():
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """sha256 over the bytes of every state-dict tensor, in order (model.pt holds the same, and
+    config.json records it as weights_sha256)."""
+    from model import state_digest
+    return state_digest(model.state_dict())
 
 
 def check_replicas(model, dist: Dist) -> list:
@@ -424,15 +485,27 @@ def make_optimizer(params, lr, betas=(0.9, 0.95), device=None):
 # Output directory and logging
 
 
-def load_init(path: str):
-    """A checkpoint to start from -> (model, config dict, ChatTokenizer). Its tokenizer must be
-    there and fit the model's embedding table."""
+def load_init(path: str, device="cpu"):
+    """A checkpoint to start from (or to evaluate) -> (model, config dict, ChatTokenizer). Its
+    tokenizer must be there, be the one saved with it, and fit the model's embedding table.
+    A .gguf file or a Hugging Face model directory loads as a pretrained backbone (pretrained/);
+    its config dict is {"pretrained": {format, path, architecture, name}}."""
+    import pretrained
+    if pretrained.is_pretrained(path):
+        model, info, tok = pretrained.load_pretrained(path)
+        return model.to(device), {"pretrained": info}, tok
     from chat_tokenizer import ChatTokenizer
     from model import TOKENIZER, CheckpointError, load_checkpoint
     f = os.path.join(path, TOKENIZER)
     if os.path.isdir(path) and not os.path.isfile(f):
         raise CheckpointError(f"{f}: not found (a checkpoint carries its tokenizer)")
-    model, config = load_checkpoint(path)
+    model, config = load_checkpoint(path, device)
+    want = config.get("tokenizer_sha256")
+    if want is not None and os.path.isfile(f):
+        import hashlib
+        with open(f, "rb") as fh:
+            if hashlib.sha256(fh.read()).hexdigest() != want:
+                raise CheckpointError(f"{f}: not the tokenizer config.json was saved with")
     try:
         tok = ChatTokenizer.from_file(f)
     except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
@@ -453,9 +526,55 @@ def check_vocab(tok, vocab_size: int, where: str):
 RUN_FILES = ("metrics.jsonl", "resume.pt")  # besides the marker: what marks a previous run
 
 
+def check_writable_dir(path: str, flag: str):
+    """`path` is a directory, or can be made one: not a file, nothing in the way above it, and
+    its nearest existing parent is writable. Writes nothing."""
+    if not path:
+        raise UsageError(f"{flag}: empty path")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: exists and is not a directory")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {parent} is not writable")
+
+
+def memory_bytes(device: torch.device) -> int:
+    """What the device holds: a CUDA card's memory, else the machine's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**62  # unknown: refuse nothing
+
+
+def batch_bytes(mcfg, rows: int, length: int, backward: bool = True) -> int:
+    """A lower bound on the memory of one forward (and backward) pass over `rows` rows of
+    `length` tokens with a dense attention mask: the boolean masks attention_mask builds (three
+    at its peak: at least 3 bytes per query-key pair; an attention kernel's additive copy comes
+    on top) and the activations at 2 bytes each (bfloat16; float32 takes twice that), every
+    layer's kept for the backward pass, one layer's without it."""
+    layers = mcfg.n_layers if backward else 1
+    acts = 2 * rows * length * layers * (8 * mcfg.d_model + 3 * mcfg.ffn_dim)
+    return 3 * rows * length * length + acts
+
+
+def check_fits(nbytes: int, device: torch.device, what: str, hint: str):
+    """Refuse up front what cannot fit in the device's memory (an estimate, from below)."""
+    total = memory_bytes(device)
+    if nbytes > total:
+        raise UsageError(f"{what} needs at least {nbytes / 2**30:,.1f} GiB, more than the "
+                         f"{total / 2**30:,.1f} GiB of {device}; {hint}")
+
+
 def check_out(path: str, overwrite: bool, marker: str = "config.json"):
     """Refuse a directory holding a previous run unless --overwrite; writes nothing, so the
     scripts call it before their other checks and prepare_out only once the input is good."""
+    check_writable_dir(path, "--out")
     if any(os.path.exists(os.path.join(path, n)) for n in (marker, *RUN_FILES)) and not overwrite:
         raise UsageError(f"{path} holds a previous run; pass --overwrite to replace it "
                          f"or --out to write elsewhere")

@@ -4,8 +4,10 @@
     sft_document             one conversation (or k-shot bundle, or plain text) as ids + targets
     best_fit, SFTStream      seeded task interleaving and best-fit packing into rows of seq_len with
                              document ids and restarted positions
-    make_pairs, ChoiceBatch  DPH pairs (chosen = gold, rejected = a uniformly drawn wrong candidate)
-                             and evaluation candidates, in the padded or the shared-prefix layout
+    make_pairs, ChoiceBatch  DPH pairs (chosen = gold, rejected = every wrong candidate, or one
+                             drawn uniformly) and evaluation candidates, in the padded or the
+                             shared-prefix layout (prompt trees packed several to a row)
+    pair_index               the (chosen, rejected) answers of every pair in a batch
     score_choices            one forward pass -> rewards and LM log-probabilities per candidate
 
 The prompt format (ChatML): <|endoftext|> then, per message,
@@ -27,7 +29,7 @@ from typing import Optional
 import torch
 
 from chat_tokenizer import ChatTokenizer
-from tasks import ChoiceExample, PreferenceExample, TextExample
+from tasks import ChoiceExample, InstructionExample, PreferenceExample, TextExample
 
 IGNORE = -100
 
@@ -60,7 +62,8 @@ def render_message(tok: ChatTokenizer, msg: dict):
 
 
 def render(tok: ChatTokenizer, messages: list) -> Rendered:
-    ids, train, score, pool = [tok.bos], [False], [False], -1
+    n = len(tok.prefix)  # <bos>, unless the vocabulary adds none
+    ids, train, score, pool = list(tok.prefix), [False] * n, [False] * n, -1
     for m in messages:
         i, t, c, end = render_message(tok, m)
         if m["role"] == "assistant":  # only the last assistant message is scored
@@ -137,7 +140,7 @@ def text_documents(tok: ChatTokenizer, text: str, seq_len: int) -> list:
     ids = tok.encode(text)
     out, step = [], seq_len - 1
     for i in range(0, len(ids), step):
-        piece = [tok.bos] + ids[i:i + step]
+        piece = tok.prefix + ids[i:i + step]  # <bos>, unless the vocabulary adds none
         if len(piece) > 2:
             out.append(Doc(piece, piece[1:] + [IGNORE]))
     return out
@@ -343,23 +346,38 @@ def _truncate_prompt(prompt: list, longest_branch: int, max_len: int,
     return prompt[:1] + prompt[1 + over:]
 
 
-def make_pairs(tok, examples: list, rng: random.Random, max_len: int) -> list:
-    """DPH training items: chosen = gold, rejected = a wrong candidate drawn uniformly with `rng`
-    (call again each epoch for fresh draws). Preference data is used as given."""
+REJECTED = ("one", "all")
+
+
+def make_pairs(tok, examples: list, rng: random.Random, max_len: int,
+               rejected: str = "one") -> list:
+    """DPH training items, branches [chosen, rejected...]: chosen = the gold answer; rejected =
+    one wrong candidate drawn uniformly with `rng` (the paper; call again each epoch for fresh
+    draws), or with rejected="all" every wrong candidate, each making a pair with the chosen
+    answer (beyond the paper: in the shared-prefix layout the extra branches cost a few tokens
+    each). Preference data is used as given. An instruction example with `distractors`
+    (plausible wrong answers) is a choice between its answer and those."""
+    if rejected not in REJECTED:
+        raise ValueError(f"rejected must be one of {REJECTED}, got {rejected!r}")
     items = []
     for i, ex in enumerate(examples):
         if isinstance(ex, ChoiceExample):
-            wrong = [j for j in range(len(ex.candidates)) if j != ex.label]
-            chosen, rejected = ex.candidates[ex.label], ex.candidates[rng.choice(wrong)]
+            chosen, wrong = ex.candidates[ex.label], [
+                c for j, c in enumerate(ex.candidates) if j != ex.label]
+        elif isinstance(ex, InstructionExample) and ex.distractors:
+            chosen, wrong = ex.answer, list(ex.distractors)
         elif isinstance(ex, PreferenceExample):
-            chosen, rejected = ex.chosen, ex.rejected
+            chosen, wrong = ex.chosen, [ex.rejected]
         else:
             continue
-        branches = [answer_branch(tok, chosen), answer_branch(tok, rejected)]
+        if not wrong:
+            continue
+        answers = [chosen] + (wrong if rejected == "all" else [rng.choice(wrong)])
+        branches = [answer_branch(tok, a) for a in answers]
         prompt = _truncate_prompt(render_prompt(tok, ex.messages), max(map(len, branches)), max_len,
                                   1 + len(tok.piece("assistant\n")))
         if prompt is not None:
-            items.append(ChoiceItem(prompt, branches, 0, i, [len(chosen), len(rejected)]))
+            items.append(ChoiceItem(prompt, branches, 0, i, [len(a) for a in answers]))
     return items
 
 
@@ -388,8 +406,10 @@ class ChoiceBatch:
     """Answers to score, in one of two layouts with identical results:
 
     padded:        one row per answer, prompt + answer, right-padded; plain causal attention.
-    shared prefix: one row per prompt, prompt once, then each answer as a branch that sees the
-                   prompt but not the other branches, positions continuing after the prompt.
+    shared prefix: each prompt once, then each answer as a branch that sees the prompt but not
+                   the other branches, positions continuing after the prompt; these trees are
+                   packed best-fit into rows as long as the longest one, each its own document
+                   (it sees nothing of the others in its row, its positions start at 0).
 
     Sequence s (answers numbered item by item, branch by branch) has its reward read at
     pool[s] = (row, col) of its <|im_end|>. Its log-probability is a sum over "sites": site m
@@ -397,7 +417,7 @@ class ChoiceBatch:
     that is the prompt's last position, shared by every branch)."""
     idx: torch.Tensor  # (B, T)
     pos: torch.Tensor  # (B, T)
-    doc: torch.Tensor  # (B, T) 0 on real tokens, -1 on padding
+    doc: torch.Tensor  # (B, T) document (item) within the row, -1 on padding
     branch: Optional[torch.Tensor]  # (B, T) shared-prefix only: 0 prompt, k branch k
     pool: torch.Tensor  # (S, 2)
     logits_at: torch.Tensor  # (B, T) bool: positions whose LM logits are needed
@@ -431,41 +451,59 @@ class ChoiceBatch:
         return self
 
 
-def collate_choices(items: list, layout: str, pad_id: int) -> ChoiceBatch:
+def collate_choices(items: list, layout: str, pad_id: int, *, end_id: int) -> ChoiceBatch:
+    """Batch the items; every answer branch must end in `end_id` (<|im_end|>): the reward is
+    read there, so a branch that does not is an error, never a silent read of another token."""
     if layout not in ("shared", "padded"):
         raise ValueError(f"unknown layout {layout!r}")
-    rows, pools, sites = [], [], []  # rows: list of (ids, pos, branch ids)
-    s = 0
+    for it in items:
+        for b in it.branches:
+            if not b or b[-1] != end_id:
+                raise ValueError(f"an answer branch ends in token {b[-1] if b else None}, not "
+                                 f"<|im_end|> ({end_id}): the reward would be read elsewhere")
+    # segments: a prompt with all its branches (shared), or one prompt + answer (padded); each
+    # with its answers' pool columns and LM sites (source column, target, sequence, is_end)
+    segs, s = [], 0
     for it in items:
         P = len(it.prompt)
-        if layout == "shared":
-            ids, pos, br = list(it.prompt), list(range(P)), [0] * P
+        seg = None
         for k, b in enumerate(it.branches):
-            if layout == "padded":
-                ids, pos, br = list(it.prompt), list(range(P)), [0] * P
-            r = len(rows)
+            if seg is None or layout == "padded":
+                seg = (list(it.prompt), list(range(P)), [0] * P, [], [])
+                segs.append(seg)
+            ids, pos, br, pools, sites = seg
             start = len(ids)
             ids += b
             pos += range(P, P + len(b))
             br += [k + 1] * len(b)
-            pools.append((r, start + len(b) - 1))
+            pools.append((s, start + len(b) - 1))
             for j, t in enumerate(b):
-                src = P - 1 if j == 0 else start + j - 1
-                sites.append((r, src, t, s, j == len(b) - 1))
+                sites.append((P - 1 if j == 0 else start + j - 1, t, s, j == len(b) - 1))
             s += 1
-            if layout == "padded":
-                rows.append((ids, pos, br))
-        if layout == "shared":
-            rows.append((ids, pos, br))
-    B, T = len(rows), max(len(r[0]) for r in rows)
+    # rows: padded, a segment each; shared, segments packed best-fit into rows as long as the
+    # longest one, each its own document (it sees nothing of the others; positions restart)
+    lengths = [len(g[0]) for g in segs]
+    T = max(lengths)
+    bins = [[i] for i in range(len(segs))] if layout == "padded" else best_fit(lengths, T)
+    B = len(bins)
     idx = torch.full((B, T), pad_id, dtype=torch.long)
     posT = torch.zeros((B, T), dtype=torch.long)
     doc = torch.full((B, T), -1, dtype=torch.long)
     branch = torch.zeros((B, T), dtype=torch.long)
-    for r, (ids, pos, br) in enumerate(rows):
-        n = len(ids)
-        idx[r, :n], posT[r, :n], doc[r, :n] = torch.tensor(ids), torch.tensor(pos), 0
-        branch[r, :n] = torch.tensor(br)
+    pool_at, sites = [None] * s, []
+    for r, row in enumerate(bins):
+        c = 0
+        for d, i in enumerate(row):
+            ids, pos, br, pools, seg_sites = segs[i]
+            n = len(ids)
+            idx[r, c:c + n], posT[r, c:c + n] = torch.tensor(ids), torch.tensor(pos)
+            doc[r, c:c + n], branch[r, c:c + n] = d, torch.tensor(br)
+            for q, col in pools:
+                pool_at[q] = (r, c + col)
+            sites += [(r, c + src, t, q, e) for src, t, q, e in seg_sites]
+            c += n
+    sites.sort(key=lambda x: x[3])  # sequence order, as the answers are numbered
+    pools = pool_at
     logits_at = torch.zeros((B, T), dtype=torch.bool)
     src = torch.tensor([(r, c) for r, c, *_ in sites])
     logits_at[src[:, 0], src[:, 1]] = True
@@ -477,6 +515,17 @@ def collate_choices(items: list, layout: str, pad_id: int) -> ChoiceBatch:
         torch.tensor([q for *_, q, _ in sites]), torch.tensor([e for *_, e in sites]),
         [len(it.branches) for it in items], [it.label for it in items], [it.ref for it in items],
         [c for it in items for c in it.content_chars], layout)
+
+
+def pair_index(n_branches: list, device=None):
+    """(chosen, rejected) answer indices of every pair in a batch whose items have branches
+    [chosen, rejected_1, ..., rejected_k]: item i gives the k pairs (chosen_i, rejected_i,j)."""
+    chosen, rejected, s = [], [], 0
+    for k in n_branches:
+        chosen += [s] * (k - 1)
+        rejected += range(s + 1, s + k)
+        s += k
+    return (torch.tensor(chosen, device=device), torch.tensor(rejected, device=device))
 
 
 def score_choices(model, batch: ChoiceBatch, rewards: bool = True, logps: bool = True) -> dict:

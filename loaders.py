@@ -966,11 +966,17 @@ def _user_record(task, obj):
             raise _Bad("'candidates' is not a list of two or more non-empty strings")
         if "label" not in obj:
             raise _Bad("missing key 'label'")
+        dup = next(((i, j) for j in range(len(cands)) for i in range(j)
+                    if cands[i].strip() == cands[j].strip()), None)
+        if dup is not None:  # the same answer cannot be both gold and wrong
+            raise _Bad(f"candidates {dup[0]} and {dup[1]} are the same answer {cands[dup[1]]!r}")
         ex = ChoiceExample(task, msgs, list(cands), _index(obj["label"], len(cands)))
     elif kind == "preference":
         ex = PreferenceExample(task, msgs, _text(obj, "chosen"), _text(obj, "rejected"))
         if not ex.chosen or not ex.rejected:
             raise _Bad("empty chosen or rejected answer")
+        if ex.chosen.strip() == ex.rejected.strip():
+            raise _Bad("chosen and rejected are the same answer")
     else:
         ex = InstructionExample(task, msgs, _text(obj, "response"))
         if not ex.answer:

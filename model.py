@@ -3,10 +3,12 @@
 Reading order, as in the paper:
 
     ModelConfig, PRESETS      backbone shapes ("paper" = the shape of the paper's 551M backbone)
-    RMSNorm, rope, Attention  pre-norm decoder block pieces; SDPA with an optional boolean mask
+    RMSNorm, rope, Attention  pre-norm decoder block pieces; SDPA with an optional boolean mask;
+                              grouped-query attention for pretrained Llama-family backbones
     SwiGLU, Block             feed-forward and the residual block
-    Transformer               embeddings tied to the LM head; returns the final normed hidden state
-                              and computes LM logits only at the positions asked for
+    Transformer               embeddings tied to the LM head (or a separate output matrix);
+                              returns the final normed hidden state and computes LM logits only
+                              at the positions asked for
     attention_mask            block-diagonal (packing) and tree-shaped (shared prefix) masks
     PreferenceHead            pooler f (identity | affine | swiglu) then r = wᵀ f(h), no bias (SPEC §2)
     DPHModel                  backbone + head; freeze_backbone(); the reward path never touches the
@@ -17,11 +19,13 @@ Reading order, as in the paper:
     save_train_state, load_train_state
                               resume.pt beside them: everything --resume needs, in one file
 
-Shapes: B batch, T query length, S key length, C d_model, H heads, D head dim, V vocabulary.
+Shapes: B batch, T query length, S key length, C d_model, H heads, Hkv key/value heads (H unless
+grouped-query attention), D head dim, V vocabulary.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -48,16 +52,28 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     dropout: float = 0.0
+    # Pretrained Llama-family backbones (pretrained/) need these; the defaults are this
+    # project's own models.
+    n_kv_heads: Optional[int] = None  # grouped-query attention; None = n_heads (plain MHA)
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
+    tie_embeddings: bool = True  # False: a separate output matrix (lm.output)
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
             raise ValueError("the head dimension must be even for rotary embeddings")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads "
+                             f"{self.n_kv_heads}")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -121,27 +137,34 @@ def apply_rope(x, rot):
 
 
 class Attention(nn.Module):
+    """Causal self-attention with RoPE. With grouped-query attention (n_kv_heads < n_heads) each
+    key/value head serves n_heads / n_kv_heads consecutive query heads. The fused projection
+    `qkv` holds the H query heads, then the Hkv key heads, then the Hkv value heads."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv) * self.head_dim,
+                             bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
     def forward(self, x, rot, mask=None, cache=None, layer=0):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, rot), apply_rope(k, rot)  # (B, H, T, D)
+        qkv = self.qkv(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
+        q, k = apply_rope(q, rot), apply_rope(k, rot)  # (B, H, T, D), (B, Hkv, T, D)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, H, S, D), S = cached + T
+            k, v = cache.update(layer, k, v)  # (B, Hkv, S, D), S = cached + T
         drop = self.dropout if self.training else 0.0
+        gqa = {"enable_gqa": True} if self.n_kv != self.n_heads else {}
         if mask is None:  # plain causal (no cache, or an empty one); or one new token after a
             # cache, which sees every cached key: no mask at all. Transformer.forward builds the
             # mask for the remaining case (several new tokens after cached ones) once per call.
             causal = True if cache is None else bool(T > 1)  # (a python bool under compile)
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=causal)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=causal, **gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, **gqa)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -187,6 +210,9 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # the LM head: the embedding matrix itself (tied), or its own matrix
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size,
+                                                                bias=False)
         self.register_buffer("rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta),
                              persistent=False)
         self.apply(self._init)
@@ -239,8 +265,8 @@ class Transformer(nn.Module):
         return ModelOutput(h, logits)
 
     def lm_logits(self, h):
-        """The LM head, tied to the embedding: (..., C) -> (..., V)."""
-        return F.linear(h, self.embed.weight)
+        """The LM head, (..., C) -> (..., V): the embedding matrix, or lm.output when untied."""
+        return F.linear(h, self.embed.weight if self.output is None else self.output.weight)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -347,6 +373,16 @@ class DPHModel(nn.Module):
             raise RuntimeError("this model has no preference head; train one with train_dph.py")
         return self.head.reward(hidden, index)
 
+    def set_dropout(self, p: float):
+        """Backbone dropout, everywhere it lives: the nn.Dropout modules and the attention
+        weights' own rate (the pooler's dropout is the head's, and stays)."""
+        self.cfg.dropout = p
+        for m in self.lm.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            elif isinstance(m, Attention):
+                m.dropout = p
+
     def freeze_backbone(self, frozen: bool = True):
         for p in self.lm.parameters():
             p.requires_grad_(not frozen)
@@ -363,10 +399,11 @@ class DPHModel(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: (L, B, H, max_len, D)."""
+    """Preallocated keys/values for every layer: (L, B, Hkv, max_len, D), Hkv = the key/value
+    heads (fewer than the query heads under grouped-query attention)."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (cfg.n_layers, batch, cfg.n_heads, max_len, cfg.head_dim)
+        shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
@@ -468,6 +505,9 @@ def _atomic_write(path, write):
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
+        umask = os.umask(0)  # mkstemp makes 0600: give the file the mode open() would (0644)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -481,12 +521,19 @@ def save_checkpoint(path, model: DPHModel, tokenizer_json: Optional[str] = None,
     """Write model weights (from the uncompiled module), config.json and tokenizer.json into the
     directory `path`, each file atomically (a temporary file, then os.replace). config.json goes
     last: a directory with a config.json holds a complete checkpoint. `extra` (plain JSON) is
-    stored in config.json."""
+    stored in config.json.
+
+    The checkpoint is atomic as a whole too: config.json records the sha256 of the weights (and
+    of the tokenizer), and load_checkpoint refuses a model.pt that is not the one its config.json
+    was written with (a kill between the renames leaves new weights beside an old config)."""
     os.makedirs(path, exist_ok=True)
     raw = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     raw = getattr(raw, "module", raw)  # DistributedDataParallel wrapper
     state = {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()}
-    config = {"model": asdict(raw.cfg), "head": raw.head_cfg, **(extra or {})}
+    config = {"model": asdict(raw.cfg), "head": raw.head_cfg, **(extra or {}),
+              "weights_sha256": state_digest(state)}
+    if tokenizer_json is not None:
+        config["tokenizer_sha256"] = hashlib.sha256(tokenizer_json.encode()).hexdigest()
     _atomic_write(os.path.join(path, WEIGHTS), lambda p: torch.save(state, p))
     if tokenizer_json is not None:
         def write_tokenizer(p):
@@ -505,6 +552,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file."""
 
 
+def state_digest(state: dict) -> str:
+    """sha256 over the bytes of every tensor of a state dict, in order."""
+    h = hashlib.sha256()
+    for v in state.values():
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def read_config(path) -> dict:
     f = os.path.join(path, CONFIG)
     if not os.path.isfile(f):
@@ -516,16 +571,68 @@ def read_config(path) -> dict:
         raise CheckpointError(f"{f}: not valid JSON ({e})") from None
 
 
+def _check_model_config(cfg: "ModelConfig"):
+    """Plausible values for every field (by its declared type): positive ints, finite floats,
+    real booleans; a shape that cannot be built is refused before anything is allocated."""
+    for f in fields(cfg):
+        v, kind = getattr(cfg, f.name), str(f.type)
+        if kind == "bool" and not isinstance(v, bool):
+            raise ValueError(f"{f.name} must be true or false, got {v!r}")
+        if kind in ("int", "Optional[int]") and not (v is None and kind != "int") and (
+                not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise ValueError(f"{f.name} must be a positive integer, got {v!r}")
+        if kind == "float" and (not isinstance(v, (int, float)) or isinstance(v, bool)
+                                or not math.isfinite(v) or v < 0):
+            raise ValueError(f"{f.name} must be a finite number >= 0, got {v!r}")
+    if not cfg.dropout < 1 or not cfg.rope_theta > 0:
+        raise ValueError(f"dropout {cfg.dropout} must be below 1 and rope_theta "
+                         f"{cfg.rope_theta} positive")
+    if cfg.max_seq_len > 2**21:  # its RoPE table is built whatever the weights say
+        raise ValueError(f"max_seq_len {cfg.max_seq_len} is beyond 2**21 positions")
+
+
+def _check_head_config(head):
+    if head is None:
+        return
+    if not isinstance(head, dict):
+        raise ValueError(f"'head' must be an object like {{\"pooler\": \"swiglu\"}}, got {head!r}")
+    p = head.get("dropout", 0.0)
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p < 1:
+        raise ValueError(f"head dropout must be in [0, 1), got {p!r}")
+    d = head.get("ffn_dim")
+    if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d <= 0):
+        raise ValueError(f"head ffn_dim must be a positive integer, got {d!r}")
+
+
 def load_checkpoint(path, device="cpu") -> tuple:
     """Rebuild the exact model saved in `path`. Returns (model, config dict). Weights are read
-    with torch.load(weights_only=True): a pickle carrying code is refused."""
+    with torch.load(weights_only=True): a pickle carrying code is refused. Everything that can
+    be wrong with a checkpoint is a CheckpointError naming the file: a config.json that does not
+    describe a model (the shapes are tried on the meta device first, so nothing big is allocated
+    for a bogus one), weights of another shape, weights that are not the ones config.json was
+    saved with (its weights_sha256), or non-finite weights."""
     config = read_config(path)
+    cf, f = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cf}: not a checkpoint config (a JSON object)")
     try:
+        if not isinstance(config.get("model"), dict):
+            raise ValueError("no 'model' object")
         cfg = ModelConfig.from_dict(config["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{os.path.join(path, CONFIG)}: bad model config ({e})") from None
-    model = DPHModel(cfg, head=config.get("head"))
-    f = os.path.join(path, WEIGHTS)
+        _check_model_config(cfg)
+        _check_head_config(config.get("head"))
+        # a big model's shapes come from the meta device (nothing allocated; ~2 s to set up),
+        # a small one is simply built (the common case: a few ms)
+        head = config.get("head") or {}
+        hffn = head.get("ffn_dim") or cfg.ffn_dim
+        numel = (2 * cfg.vocab_size * cfg.d_model + cfg.max_seq_len * cfg.d_model + cfg.n_layers
+                 * (4 * cfg.d_model ** 2 + 3 * cfg.d_model * cfg.ffn_dim) + 3 * cfg.d_model * hffn)
+        with torch.device("meta") if numel > 2**27 else contextlib.nullcontext():
+            built = DPHModel(cfg, head=config.get("head"))
+        shapes = {k: v.shape for k, v in built.state_dict().items()}
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{cf}: bad model config ({first})") from None
     if not os.path.isfile(f):
         raise CheckpointError(f"{f}: not found")
     try:
@@ -533,9 +640,29 @@ def load_checkpoint(path, device="cpu") -> tuple:
     except Exception as e:  # corrupt file or a pickle that is not plain tensors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{f}: cannot be loaded safely ({first})") from None
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
         raise CheckpointError(f"{f}: expected a dict of tensors")
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+    bad = sorted(set(shapes) ^ set(state)) or [k for k in shapes if state[k].shape != shapes[k]]
+    if bad:
+        k = bad[0]
+        what = (f"{k}: {tuple(state[k].shape)} in the file, {tuple(shapes[k])} in {CONFIG}"
+                if k in state and k in shapes else f"{k} is only in "
+                f"{'the file' if k in state else CONFIG}")
+        raise CheckpointError(f"{f}: does not match {CONFIG} ({len(bad)} tensor(s) differ; "
+                              f"{what})")
+    want = config.get("weights_sha256")
+    if want is not None and state_digest(state) != want:
+        raise CheckpointError(f"{f}: not the weights {CONFIG} was saved with (a save cut short "
+                              f"between the two files?); --resume the run to write them again")
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and
+                 not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise CheckpointError(f"{f}: non-finite weights (NaN or inf) in {len(nonfinite)} "
+                              f"tensor(s), e.g. {nonfinite[0]}")
+    model = built if built.lm.embed.weight.device.type != "meta" else \
+        DPHModel(cfg, head=config.get("head"))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

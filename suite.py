@@ -870,7 +870,52 @@ def _make_instruct(rng, keep):
         which = rng.choice(("first", "last"))
         q = f"What is the {which} word in this list: {listed}?"
         a = words[0 if which == "first" else -1]
-    return InstructionExample("synth/instruct", _chat(q), a) if keep(q) else None
+    if not keep(q):
+        return None
+    return InstructionExample("synth/instruct", _chat(q), a, _near_misses(kind, q, a, words, nums))
+
+
+def _swap_one(items, rng):
+    """items with one random adjacent pair swapped (a single slip)."""
+    items = list(items)
+    i = rng.randrange(len(items) - 1)
+    items[i], items[i + 1] = items[i + 1], items[i]
+    return items
+
+
+def _near_misses(kind, q, a, words, nums):
+    """Plausible wrong answers to an instruction (the rejected side of its DPH pairs): a half-done
+    reversal, one slip in a sort, an off-by-one count or sum, a misspelling, the other end of a
+    list. Drawn from the question's own generator, so the examples themselves never change."""
+    rng = random.Random(zlib.crc32(q.encode("utf-8")))
+    if kind == 0:
+        half = len(words) // 2
+        out = [" ".join(words), " ".join(words[half:][::-1] + words[:half]),
+               " ".join(_swap_one(words[::-1], rng))]
+    elif kind in (1, 2):
+        key = sorted(words) if kind == 1 else [str(n) for n in sorted(nums)]
+        given = words if kind == 1 else [str(n) for n in nums]
+        out = [", ".join(given), ", ".join(key[::-1]), ", ".join(_swap_one(key, rng))]
+    elif kind in (3, 6):
+        n = int(a)
+        out = [str(n - 1), str(n + 1), str(n + rng.choice((2, 10)))]
+    elif kind == 4:
+        k = len(a.split())
+        out = [" ".join(a.split()[:1] * (k - 1)), " ".join(a.split()[:1] * (k + 1))]
+    elif kind == 5:
+        out = [" ".join(words), " ".join([words[0].upper()] + words[1:]),
+               " ".join(w.upper() if i else w for i, w in enumerate(words))]
+    elif kind == 7:
+        out = [a.split(", ")[0], a.split(", ")[1], ", ".join(a.split(", ")[::-1]) + ", " +
+               q.split("in the ")[-1].rstrip(".")]
+    else:
+        other = words[-1] if a == words[0] else words[0]
+        out = [other, words[1], a[:-1] if len(a) > 3 else a + a[-1]]  # misspelt
+    if kind in (0, 1) and len(a) > 4:  # a misspelling inside the right answer
+        j = rng.randrange(1, len(a) - 1)
+        if a[j].isalpha():
+            out.append(a[:j] + a[j + 1:])
+    return tuple(dict.fromkeys(o for o in out if o and o != a))
 
 
 # ----------------------------------------------------------------------------------------------

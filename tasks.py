@@ -57,6 +57,7 @@ class InstructionExample:
     task: str
     messages: list
     answer: str
+    distractors: tuple = ()  # plausible wrong answers, where known: DPH pairs against `answer`
 
     @property
     def kind(self) -> str:

@@ -1,12 +1,15 @@
-"""Stage 2: Direct Preference Head training (SPEC §3; the paper's alignment stage).
+"""Stage 2: Direct Preference Head training (the paper's alignment stage).
 
 Loads an SFT checkpoint, adds the preference head (pooler + w, no bias) and trains on
-(prompt, chosen, rejected) pairs: choice tasks give chosen = the gold answer and rejected = a
-wrong candidate drawn uniformly, afresh each time an example is visited; preference data is used
-as given. The head's loss is the separable or the contrastive DPH objective with label
-smoothing ε. Jointly (as in the paper's alignment stage) the LM may be trained with conservative
-DPO against a frozen copy of the SFT model (--dpo-weight, 0 disables it and skips the reference
-model). The backbone is pulled toward its SFT weights; the head decays toward zero.
+(prompt, chosen, rejected) pairs: choice tasks give chosen = the gold answer and rejected = every
+wrong candidate, each its own pair (--rejected all, the default; beyond the paper, and cheap in
+the shared-prefix layout), or one wrong candidate drawn uniformly afresh at each visit (--rejected
+one, the paper); preference data is used as given; synth/instruct pairs its exact answer with
+near misses. The head's loss is the separable or the contrastive DPH objective with label
+smoothing ε. Jointly (as in the paper's alignment stage) the LM is trained with conservative DPO
+against a frozen copy of the SFT model: the alignment loss is w_dph·L_DPH + w_dpo·L_cDPO
+(--dph-weight, --dpo-weight; 0 disables cDPO and skips the reference model). The backbone is
+pulled toward its SFT weights (prior regularisation); the head decays toward zero.
 
     python train_dph.py --loss contrastive            # out/sft -> out/dph
     python train_dph.py --freeze-backbone --dpo-weight 0   # head only: LM outputs unchanged
@@ -29,12 +32,14 @@ from tqdm import tqdm
 import common
 from common import UsageError, opt
 from chat_tokenizer import ChatTokenizer
-from data import (TaskSampler, apply_label_noise, collate_choices, make_pairs, score_choices)
+from data import (REJECTED, TaskSampler, apply_label_noise, collate_choices, make_pairs,
+                  pair_index, score_choices)
+from frozen import StateCache, cached_pair_loss, cached_validation
 from losses import dph_loss, dpo_loss, reward_penalty
 from model import DPHModel, ModelConfig, PreferenceHead, save_checkpoint, save_train_state
-from tasks import TaskError, resolve_tasks
+from tasks import InstructionExample, TaskError, resolve_tasks
 
-PAIR_KINDS = ("choice", "preference")
+PAIR_KINDS = ("choice", "preference", "instruction")  # instructions: those with distractors
 
 
 @dataclass
@@ -47,22 +52,30 @@ class DPHConfig:
     data_seed: int = opt(0, "seed of the built-in suite's generator")
     loss: str = opt("separable", "DPH objective", ["separable", "contrastive"])
     label_smoothing: float = opt(0.1, "ε of the DPH loss, 0 <= ε < 0.5")
-    dpo_weight: float = opt(1.0, "weight of the joint cDPO term on the LM (0: off, no reference)")
+    dph_weight: float = opt(1.0, "w_dph, weight of the DPH loss in the alignment loss")
+    dpo_weight: float = opt(1.0, "w_dpo, weight of the joint cDPO term on the LM (0: off, no "
+                                 "reference)")
+    rejected: str = opt("all", "rejected answers per item: all wrong candidates, each a pair "
+                               "(beyond the paper), or one drawn afresh at each visit (the "
+                               "paper)", list(REJECTED))
     beta: float = opt(0.1, "β of the cDPO term")
     dpo_label_smoothing: float = opt(0.1, "ε of the cDPO term")
     reward_penalty: float = opt(0.0, "λ of the optional reward penalty (not in the paper)")
     reward_penalty_kind: str = opt("squared", "λ·mean(r_w²+r_l²) or λ·mean((r_w+r_l)²)",
                                    ["squared", "sum"])
     freeze_backbone: bool = opt(False, "train the head only")
-    pooler: str = opt("swiglu", "head pooler", list(PreferenceHead.POOLERS))
+    new_head: bool = opt(False, "--init of a DPH checkpoint: replace its head with a fresh one "
+                                "(default: continue training it)")
+    pooler: str = opt("identity", "head pooler (the authors' released model: swiglu)",
+                      list(PreferenceHead.POOLERS))
     pooler_dropout: float = opt(0.0, "dropout inside the pooler")
     layout: str = opt("shared", "shared: prompt once, answers as branches; padded: a row each",
                       ["shared", "padded"])
     batch_size: int = opt(16, "pairs per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimiser step")
-    max_steps: int = opt(150, "optimiser steps")
+    max_steps: int = opt(400, "optimiser steps")
     lr: float = opt(5e-4, "peak learning rate of the backbone")
-    head_lr: float = opt(1e-3, "peak learning rate of the head and pooler")
+    head_lr: float = opt(3e-3, "peak learning rate of the head and pooler")
     min_lr_ratio: float = opt(0.1, "final learning rate / peak")
     warmup_steps: int = opt(15, "linear warmup steps")
     prior_decay: float = opt(0.5, "decay of the backbone toward the SFT weights")
@@ -72,7 +85,7 @@ class DPHConfig:
     label_noise: float = opt(0.0, "fraction of training labels flipped (robustness experiment)")
     max_examples: int = opt(0, "use at most this many training examples per task (0: all)")
     eval_every: int = opt(100, "steps between validation reward accuracies")
-    eval_pairs: int = opt(256, "validation pairs per evaluation")
+    eval_pairs: int = opt(256, "validation pairs per evaluation (0: none)")
     seed: int = opt(0, "seed for the head's initialisation and the data order")
     device: str = opt("auto", "auto | cpu | cuda | mps")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (autocast)")
@@ -82,40 +95,76 @@ class DPHConfig:
                               "come from that run (starts at step 0 if there is none yet)")
 
 
-def validate(cfg: DPHConfig):
-    for name in ("label_smoothing", "dpo_label_smoothing"):
-        v = getattr(cfg, name)
-        if not 0.0 <= v < 0.5:
-            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 0.5), got {v}")
-    for name in ("lr", "head_lr", "beta"):
-        if getattr(cfg, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("batch_size", "grad_accum", "max_steps"):
-        if getattr(cfg, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.save_every < 0 or cfg.max_len < 0:
-        raise UsageError("--save-every and --max-len must be >= 0")
-    if cfg.dpo_weight < 0 or cfg.reward_penalty < 0:
-        raise UsageError("--dpo-weight and --reward-penalty must be >= 0")
-    if not 0 <= cfg.label_noise <= 1:
-        raise UsageError(f"--label-noise must be in [0, 1], got {cfg.label_noise}")
+# The interval of every int and float flag (common.check_ranges; "max" = 2**63 - 1); a new
+# numeric flag needs its entry here (tests/test_errors.py checks that every one has one).
+RANGES = {
+    "data_seed": "[0, max]", "seed": "[0, max]",
+    "label_smoothing": "[0, 0.5)", "dpo_label_smoothing": "[0, 0.5)",
+    # loss weights: beyond 1e4 to 1 the other term is noise (set it to 0 instead)
+    "dph_weight": "[0, 10000]", "dpo_weight": "[0, 10000]", "reward_penalty": "[0, 10000]",
+    "beta": "(0, 1000]",  # β·(log-ratio margin): beyond ~1e3 the cDPO term is a step function
+    "pooler_dropout": "[0, 1)",
+    "batch_size": "[1, 1048576]", "grad_accum": "[1, 1048576]",
+    "max_steps": "[1, 1000000000]", "warmup_steps": "[0, 1000000000]",
+    "lr": "(0, inf)", "head_lr": "(0, inf)", "min_lr_ratio": "[0, 1]",
+    "prior_decay": "[0, 1000]", "head_decay": "[0, 1000]", "grad_clip": "[0, inf)",
+    "max_len": "[0, 1048576]", "label_noise": "[0, 1]", "max_examples": "[0, max]",
+    "eval_every": "[1, max]", "eval_pairs": "[0, 1048576]", "save_every": "[0, max]",
+}
+
+
+def validate(cfg: DPHConfig, argv=None):
+    common.check_ranges(cfg, RANGES)
+    no_dpo = ("the cDPO term is off (--dpo-weight 0)" if cfg.dpo_weight == 0 else
+              "the cDPO term is off (--freeze-backbone)" if cfg.freeze_backbone else "")
+    common.note_unused(argv, {"beta": no_dpo, "dpo_label_smoothing": no_dpo,
+                              "reward_penalty_kind": "--reward-penalty is 0"
+                              if cfg.reward_penalty == 0 else "",
+                              "lr": "--freeze-backbone" if cfg.freeze_backbone else "",
+                              "prior_decay": "--freeze-backbone" if cfg.freeze_backbone else ""})
+    if getattr(cfg, "dph_weight", 1.0) == 0 and (cfg.dpo_weight == 0 or cfg.freeze_backbone):
+        raise UsageError("--dph-weight 0 with no cDPO term (--dpo-weight 0 or "
+                         "--freeze-backbone): there is nothing to train")
+
+
+def continue_head(model, cfg: DPHConfig, argv=None):
+    """A fresh head on an SFT checkpoint. An --init that has a head (a DPH checkpoint) keeps it
+    and trains it further, with a note, unless --new-head; a --pooler that differs from the
+    head's is an error then (it cannot apply to a trained head)."""
+    if model.head is None or cfg.new_head:
+        if model.head is not None:
+            print(f"note: --new-head: the trained head of {cfg.init} is replaced by a fresh "
+                  f"{cfg.pooler} head", file=sys.stderr)
+        model.add_head(cfg.pooler, cfg.pooler_dropout)
+        return
+    kind = model.head_cfg.get("pooler")
+    if "pooler" in common.explicit_flags(argv) and cfg.pooler != kind:
+        raise UsageError(f"--pooler {cfg.pooler}: --init {cfg.init} has a trained {kind} head; "
+                         f"pass --new-head to replace it")
+    model.head.dropout.p = cfg.pooler_dropout
+    model.head_cfg["dropout"] = cfg.pooler_dropout
+    print(f"note: --init {cfg.init} has a trained {kind} head: training continues from it "
+          f"(--new-head starts a fresh one)", file=sys.stderr)
 
 
 def pair_loss(model, ref, batch, cfg, device, dtype, use_dpo):
-    """Forward chosen and rejected together; return (loss, metrics)."""
+    """The alignment loss w_dph·L_DPH + w_dpo·L_cDPO of one batch: chosen and rejected answers go
+    through one forward pass; return (loss, metrics)."""
     with common.autocast(device, dtype):
         res = score_choices(model, batch, rewards=True, logps=use_dpo)
-    r = res["rewards"].float().view(-1, 2)  # (N, 2): [chosen, rejected]
-    loss, metrics = dph_loss(r[:, 0], r[:, 1], cfg.loss, cfg.label_smoothing)
+    w, l = pair_index(batch.n_branches, res["rewards"].device)
+    r = res["rewards"].float()
+    loss, metrics = dph_loss(r[w], r[l], cfg.loss, cfg.label_smoothing)
+    loss = cfg.dph_weight * loss
     if cfg.reward_penalty > 0:
-        pen, pm = reward_penalty(r[:, 0], r[:, 1], cfg.reward_penalty, cfg.reward_penalty_kind)
+        pen, pm = reward_penalty(r[w], r[l], cfg.reward_penalty, cfg.reward_penalty_kind)
         loss = loss + pen
         metrics.update(pm)
     if use_dpo:
         with torch.no_grad(), common.autocast(device, dtype):
-            ref_lp = score_choices(ref, batch, rewards=False, logps=True)["logp"].float().view(-1, 2)
-        lp = res["logp"].float().view(-1, 2)
-        dloss, dm = dpo_loss(lp[:, 0], lp[:, 1], ref_lp[:, 0], ref_lp[:, 1], cfg.beta,
+            ref_lp = score_choices(ref, batch, rewards=False, logps=True)["logp"].float()
+        lp = res["logp"].float()
+        dloss, dm = dpo_loss(lp[w], lp[l], ref_lp[w], ref_lp[l], cfg.beta,
                              cfg.dpo_label_smoothing)
         loss = loss + cfg.dpo_weight * dloss
         metrics.update({"dpo/loss": dloss.detach(), "dpo/accuracies": dm["rewards/accuracies"],
@@ -124,12 +173,13 @@ def pair_loss(model, ref, batch, cfg, device, dtype, use_dpo):
 
 
 @torch.no_grad()
-def validation_rewards(model, items, cfg, device, dtype):
+def validation_rewards(model, items, cfg, device, dtype, end_id):
     """Reward accuracy and margin on fixed validation pairs."""
     model.eval()
     chosen, rejected = [], []
     for i in range(0, len(items), cfg.batch_size):
-        b = collate_choices(items[i:i + cfg.batch_size], cfg.layout, 0).to(device)
+        b = collate_choices(items[i:i + cfg.batch_size], cfg.layout, 0,
+                             end_id=end_id).to(device)
         with common.autocast(device, dtype):
             r = score_choices(model, b, rewards=True, logps=False)["rewards"].float().view(-1, 2)
         chosen.append(r[:, 0])
@@ -144,23 +194,43 @@ def validation_rewards(model, items, cfg, device, dtype):
 def check_fit(tok, train: dict, max_len: int, sample: int = 256):
     """Pairs whose answers cannot fit in max_len tokens (after cutting the prompt from the left)
     are skipped. When more than half of a task's first `sample` examples would be, that is an
-    error (--max-len too small); when some would, a note."""
+    error (--max-len too small); when some would, a note. Returns the pairs made."""
     rng = random.Random(0)  # its own generator: the training draws stay untouched
+    made = []
     for name, exs in train.items():
         probe = exs[:sample]
-        dropped = len(probe) - len(make_pairs(tok, probe, rng, max_len))
+        pairs = make_pairs(tok, probe, rng, max_len)
+        made += pairs
+        dropped = len(probe) - len(pairs)
         if 2 * dropped > len(probe):
             raise UsageError(f"--max-len {max_len} is too small for {name}: {dropped} of its first "
                              f"{len(probe)} examples cannot fit their answers")
         if dropped:
             print(f"note: {name}: {dropped} of the first {len(probe)} examples do not fit in "
                   f"{max_len} tokens and are skipped", file=sys.stderr)
+    return made
+
+
+def check_memory(mcfg, cfg: DPHConfig, pairs: list, device):
+    """One micro-batch of pairs of the median length seen must fit in the device (a lower bound:
+    real batches hold longer pairs too)."""
+    if not pairs:
+        return
+    if cfg.layout == "shared":  # a row per item: the prompt once, then every branch
+        lengths = sorted(len(it.prompt) + sum(map(len, it.branches)) for it in pairs)
+        rows = cfg.batch_size
+    else:  # a row per answer
+        lengths = sorted(len(it.prompt) + max(map(len, it.branches)) for it in pairs)
+        rows = cfg.batch_size * min(len(it.branches) for it in pairs)
+    common.check_fits(common.batch_bytes(mcfg, rows, lengths[len(lengths) // 2]), device,
+                      f"one micro-batch of --batch-size {cfg.batch_size} pairs",
+                      "lower it (--grad-accum keeps the batch)")
 
 
 def main(argv=None):
     cfg, _ = common.parse_config(DPHConfig, __doc__.splitlines()[0], argv)
     cfg, state = common.open_resume(cfg, argv)  # --resume: the stored config and training state
-    validate(cfg)
+    validate(cfg, argv)
     dist, device = common.init_distributed(cfg.device)
     common.seed_everything(cfg.seed)
     dtype = common.resolve_dtype(cfg.dtype, device)
@@ -189,9 +259,16 @@ def main(argv=None):
     max_len = cfg.max_len or model.cfg.max_seq_len
 
     train = common.load_split(specs, "train", cfg.data_dir, cfg.data_seed, limit=cfg.max_examples)
+    # instruction data makes pairs only where it knows wrong answers (synth/instruct does)
+    plain = [n for n, exs in train.items() if exs and isinstance(exs[0], InstructionExample)
+             and not any(ex.distractors for ex in exs)]
+    train = {n: exs for n, exs in train.items() if n not in plain}
+    specs = [s for s in specs if s.name not in plain]
+    if not specs:
+        raise UsageError(f"--tasks {tasks}: no choice or preference task to make pairs from")
     if cfg.label_noise:
         train = {k: apply_label_noise(v, cfg.label_noise, cfg.seed) for k, v in train.items()}
-    check_fit(tok, train, max_len)
+    check_memory(model.cfg, cfg, check_fit(tok, train, max_len), device)
     val = common.trained_only(common.load_split(specs, "validation", cfg.data_dir, cfg.data_seed,
                                                 required=False), train)
     val_exs = [ex for exs in val.values() for ex in exs]
@@ -203,17 +280,24 @@ def main(argv=None):
     train_items = make_pairs(tok, train_exs[:cfg.eval_pairs], random.Random(54321), max_len)
 
     if state is None:
-        model.cfg.dropout = 0.0  # dropout is off in this stage (pooler dropout is the head's own)
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-        model.add_head(cfg.pooler, cfg.pooler_dropout)
+        model.set_dropout(0.0)  # off in this stage (pooler dropout is the head's own)
+        continue_head(model, cfg, argv)
     model.to(device).train()
     use_dpo = cfg.dpo_weight > 0 and not cfg.freeze_backbone
     if cfg.freeze_backbone:
         model.freeze_backbone()
         if cfg.dpo_weight > 0:
             print("--freeze-backbone: the LM cannot change, so the cDPO term is skipped")
+    # frozen backbone, one process: its states at each answer's <|im_end|> are computed once per
+    # example and the head trains on them (frozen.py); under torchrun the head's gradients go
+    # through DDP, so every batch runs the backbone
+    cache = StateCache(model, tok, max_len, device, dtype, cfg.batch_size) \
+        if cfg.freeze_backbone and not dist.active else None
+
+    def check_rewards(items):  # reward accuracy on fixed pairs
+        if cache is not None:
+            return cached_validation(model.head, cache, items)
+        return validation_rewards(val_fwd, items, cfg, device, dtype, tok.im_end)
     ref = None
     if use_dpo:  # the frozen reference π_ref of cDPO: a copy of the SFT model
         ref = copy.deepcopy(model.lm).eval().requires_grad_(False)
@@ -277,6 +361,7 @@ def main(argv=None):
         summary = {"tasks": [s.name for s in specs], "steps": done, "pairs": pairs_seen,
                    "seconds": round(seconds, 1), "validation": last_val}
         extra = {"stage": "dph", "sft": prior.get("sft", {}),
+                 **({"pretrained": prior["pretrained"]} if "pretrained" in prior else {}),
                  "dph": {**dataclasses.asdict(cfg), **summary}}
         if dist.active:
             extra["distributed"] = {"world_size": dist.world, "backend": dist.backend,
@@ -287,7 +372,7 @@ def main(argv=None):
                initial=start, total=cfg.max_steps, disable=not dist.main)
     t_start, pairs_run = time.time(), 0
     if dist.main and start == 0 and train_items:
-        log.log(0, "train_pairs", **validation_rewards(val_fwd, train_items, cfg, device, dtype))
+        log.log(0, "train_pairs", **check_rewards(train_items))
     try:
         for step in bar:
             scale = common.lr_at(step, 1.0, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
@@ -297,18 +382,25 @@ def main(argv=None):
             for micro in range(cfg.grad_accum):
                 items, misses = [], 0
                 while len(items) < global_batch:  # the global batch of pairs
-                    new = make_pairs(tok, sampler.draw(1), pair_rng, max_len)
+                    exs = sampler.draw(1)
+                    if cache is not None:
+                        cache.add_examples(exs)  # every candidate, the first time only
+                    new = make_pairs(tok, exs, pair_rng, max_len, cfg.rejected)
                     misses = 0 if new else misses + 1
                     if misses == 1000:
                         raise TaskError(f"1000 examples in a row do not fit in {max_len} tokens; "
                                         f"raise --max-len")
                     items += new
-                batch = collate_choices(items[dist.rank::dist.world], cfg.layout,
-                                        tok.pad).to(device)
                 last = micro == cfg.grad_accum - 1
-                with contextlib.nullcontext() if last or not dist.active else ddp.no_sync():
-                    loss, metrics = pair_loss(fwd, ref, batch, cfg, device, dtype, use_dpo)
+                if cache is not None:  # the head alone, on cached states
+                    loss, metrics = cached_pair_loss(model.head, cache, items, cfg)
                     (loss / cfg.grad_accum).backward()
+                else:
+                    batch = collate_choices(items[dist.rank::dist.world], cfg.layout,
+                                            tok.pad, end_id=tok.im_end).to(device)
+                    with contextlib.nullcontext() if last or not dist.active else ddp.no_sync():
+                        loss, metrics = pair_loss(fwd, ref, batch, cfg, device, dtype, use_dpo)
+                        (loss / cfg.grad_accum).backward()
                 pairs_seen += len(items)
                 pairs_run += len(items)
                 for k, x in {"loss": loss.detach(), **metrics}.items():
@@ -328,13 +420,13 @@ def main(argv=None):
             if step % 10 == 0 or done == cfg.max_steps:
                 log.log(step, "train", grad_norm=float(gnorm), **agg)
             if dist.main and val_items and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-                last_val = validation_rewards(val_fwd, val_items, cfg, device, dtype)
+                last_val = check_rewards(val_items)
                 log.log(step, "validation", **last_val)
                 tqdm.write(f"step {done}: validation reward accuracy "
                            f"{last_val['rewards/accuracies']:.3f}, "
                            f"margin {last_val['rewards/margins']:.2f}")
             if dist.main and train_items and done == cfg.max_steps:
-                tp = validation_rewards(val_fwd, train_items, cfg, device, dtype)
+                tp = check_rewards(train_items)
                 log.log(step, "train_pairs", **tp)
                 tqdm.write(f"reward accuracy on {tp['pairs']} training pairs "
                            f"{tp['rewards/accuracies']:.3f}")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import common
 from common import UsageError, opt
-from chat_tokenizer import ChatTokenizer, training_text
+from chat_tokenizer import SPECIALS, ChatTokenizer, training_text
 from data import IGNORE, PackedBatch, SFTStream, apply_label_noise, sft_document
 from losses import sft_loss
 from model import DPHModel, ModelConfig, padded_vocab, preset, save_checkpoint, save_train_state
@@ -54,7 +54,7 @@ class SFTConfig:
     weight_decay: float = opt(0.1, "decay toward zero when training from scratch")
     prior_decay: float = opt(0.5, "decay toward the --init weights (prior regularisation)")
     grad_clip: float = opt(1.0, "clip the gradient norm (0: off)")
-    kshot: int = opt(1, "distinct examples of one task per conversation")
+    kshot: int = opt(5, "distinct examples of one task per conversation (the paper: 5)")
     proportional: bool = opt(False, "sample tasks in proportion to their size (default uniform)")
     label_noise: float = opt(0.0, "fraction of training labels flipped (robustness experiment)")
     max_examples: int = opt(0, "use at most this many training examples per task (0: all)")
@@ -70,20 +70,38 @@ class SFTConfig:
                               "come from that run (starts at step 0 if there is none yet)")
 
 
-def validate(cfg: SFTConfig):
-    if cfg.lr <= 0:
-        raise UsageError(f"--lr must be positive, got {cfg.lr}")
-    for name in ("batch_size", "grad_accum", "max_steps", "seq_len", "kshot", "vocab_size"):
-        if getattr(cfg, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if not 0 <= cfg.label_noise <= 1:
-        raise UsageError(f"--label-noise must be in [0, 1], got {cfg.label_noise}")
+# The interval of every int and float flag (common.check_ranges; "max" = 2**63 - 1). Upper
+# bounds on sizes stop what no machine could hold before any work; the memory of one micro-batch
+# is checked against the device once the model's shape is known.
+RANGES = {
+    "data_seed": "[0, max]", "seed": "[0, max]",
+    "vocab_size": f"[{256 + len(SPECIALS)}, 1048576]",  # at least the bytes and the specials
+    "seq_len": "[32, 1048576]", "batch_size": "[1, 1048576]", "grad_accum": "[1, 1048576]",
+    "max_steps": "[1, 1000000000]", "warmup_steps": "[0, 1000000000]",
+    "lr": "(0, inf)", "min_lr_ratio": "[0, 1]",
+    # decays: θ moves by lr·λ of its distance to the anchor per step; λ beyond 1e3 only diverges
+    "weight_decay": "[0, 1000]", "prior_decay": "[0, 1000]", "grad_clip": "[0, inf)",
+    "kshot": "[1, 256]", "label_noise": "[0, 1]", "max_examples": "[0, max]",
+    "eval_every": "[1, max]", "eval_batches": "[1, 65536]", "dropout": "[0, 1)",
+    "save_every": "[0, max]",
+}
+
+
+def validate(cfg: SFTConfig, argv=None):
+    common.check_ranges(cfg, RANGES)
+    common.note_unused(argv, {"prior_decay": "it pulls toward the --init weights; no --init given"
+                              if not cfg.init else "",
+                              "weight_decay": "with --init, --prior-decay is the decay"
+                              if cfg.init else ""})
     if cfg.init and cfg.tokenizer:
         raise UsageError("--tokenizer: a run with --init uses the checkpoint's own tokenizer")
-    if cfg.save_every < 0:
-        raise UsageError(f"--save-every must be >= 0, got {cfg.save_every}")
-    if cfg.seq_len < 32:
-        raise UsageError(f"--seq-len {cfg.seq_len} is too small for a conversation")
+
+
+def fits(mcfg, cfg: SFTConfig, device):
+    """One micro-batch (rows of --seq-len, with their dense mask) must fit in the device."""
+    common.check_fits(common.batch_bytes(mcfg, cfg.batch_size, cfg.seq_len), device,
+                      f"one micro-batch of --batch-size {cfg.batch_size} x --seq-len "
+                      f"{cfg.seq_len}", "lower them (--grad-accum keeps the batch)")
 
 
 @torch.no_grad()
@@ -138,7 +156,7 @@ def shard(b: PackedBatch, dist: common.Dist) -> PackedBatch:
 def main(argv=None):
     cfg, _ = common.parse_config(SFTConfig, __doc__.splitlines()[0], argv)
     cfg, state = common.open_resume(cfg, argv)  # --resume: the stored config and training state
-    validate(cfg)
+    validate(cfg, argv)
     dist, device = common.init_distributed(cfg.device)
     common.seed_everything(cfg.seed)
     dtype = common.resolve_dtype(cfg.dtype, device)
@@ -148,6 +166,9 @@ def main(argv=None):
     if state is not None and state["global_batch"] != global_batch:
         raise UsageError(f"--resume: {dist.world} process(es) x --batch-size {cfg.batch_size} is "
                          f"not the global batch {state['global_batch']} of the run in {cfg.out}")
+
+    if state is None and not cfg.init:  # the shape is known before any data: check it first
+        fits(preset(cfg.preset), cfg, device)
 
     t0 = time.time()
     train = common.load_split(specs, "train", cfg.data_dir, cfg.data_seed, limit=cfg.max_examples)
@@ -167,6 +188,18 @@ def main(argv=None):
         model, prior, tok = common.load_init(cfg.init)
         inherited = prior.get("sft", {})
         print(f"continuing from {cfg.init} ({inherited.get('tasks', 'unknown tasks')})")
+        ignored = sorted({"preset", "vocab_size"} & common.explicit_flags(argv))
+        if ignored:
+            print(f"note: --init: the model's shape and tokenizer come from {cfg.init}; "
+                  f"{', '.join('--' + n.replace('_', '-') for n in ignored)} not used",
+                  file=sys.stderr)
+        if model.head is not None:  # SFT trains the LM; a stale head must not ride along
+            print(f"note: --init {cfg.init} has a preference head; SFT trains the language "
+                  f"model only, so the head is dropped (train_dph.py adds a new one)",
+                  file=sys.stderr)
+            model.head, model.head_cfg = None, None
+        if "dropout" in common.explicit_flags(argv):
+            model.set_dropout(cfg.dropout)
     else:
         if cfg.tokenizer:
             tok = ChatTokenizer.from_pretrained_files(cfg.tokenizer)
@@ -183,11 +216,15 @@ def main(argv=None):
                                                  if cfg.preset == "paper" else 0),
                       dropout=cfg.dropout)
         if cfg.seq_len > mcfg.max_seq_len:
+            print(f"note: --seq-len {cfg.seq_len} is longer than the {cfg.preset} preset's "
+                  f"context {mcfg.max_seq_len}: the new model's context is {cfg.seq_len}",
+                  file=sys.stderr)
             mcfg = dataclasses.replace(mcfg, max_seq_len=cfg.seq_len)
         model = DPHModel(mcfg)
     if cfg.seq_len > model.cfg.max_seq_len:
         raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's context "
                          f"{model.cfg.max_seq_len}")
+    fits(model.cfg, cfg, device)
     check_fit(tok, train, cfg.seq_len)
     model.to(device).train()
     common.print_config(cfg, "config")

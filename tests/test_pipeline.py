@@ -104,12 +104,55 @@ def test_generate_ranks_by_reward(pipeline):
     assert rewards == sorted(rewards, reverse=True)
 
 
+def test_best_of_n_from_a_task(pipeline):
+    """--generate-from: greedy, N samples, the head's and the LM's picks, each checked against the
+    gold answer; the summary is recomputed here from the per-prompt records it wrote."""
+    d, _ = pipeline
+    out = d / "bestofn"
+    p = run("evaluate.py", "--dph", str(d / "dph"), "--sft", "", "--generate-from",
+            "synth/instruct", "-n", "3", "--max-examples", "4", "--max-new-tokens", "6",
+            "--show", "1", "--out", str(out), "--device", "cpu")
+    assert "exact match" in p.stdout and "best by head" in p.stdout
+    res = json.loads((out / "generate.json").read_text())
+    recs = res["records"]
+    assert res["prompts"] == len(recs) == 4
+    for r in recs:
+        assert len(r["samples"]) == len(r["rewards"]) == len(r["lm"]) == len(r["correct"]) == 3
+        assert r["correct"] == [s == r["answer"] for s in r["samples"]]
+    em = res["exact_match"]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert em["first"] == mean([r["correct"][0] for r in recs])
+    assert em["best_by_head"] == mean(
+        [r["correct"][max(range(3), key=lambda i: r["rewards"][i])] for r in recs])
+    assert em["best_by_lm"] == mean(
+        [r["correct"][max(range(3), key=lambda i: r["lm"][i])] for r in recs])
+    assert em["any"] >= max(em["first"], em["best_by_head"], em["best_by_lm"])
+
+
+def test_best_of_n_summary_counts_each_picker():
+    sys.path.insert(0, ROOT)
+    from evaluate import best_of_n_summary
+    recs = [  # the head picks the right sample, the LM a wrong one, the first sample is wrong
+        {"correct": [False, True, False], "rewards": [0.1, 2.0, -1.0], "lm": [-0.5, -2.0, -0.1],
+         "greedy_correct": True},
+        {"correct": [True, False, False], "rewards": [0.0, 1.0, 0.5], "lm": [-0.1, -3.0, -2.0],
+         "greedy_correct": False},
+    ]
+    s = best_of_n_summary(recs)
+    assert s["prompts"] == 2
+    assert s["exact_match"] == {"greedy": 0.5, "first": 0.5, "best_by_head": 0.5,
+                                "best_by_lm": 0.5, "any": 1.0}
+    s = best_of_n_summary(recs[:1])
+    assert s["exact_match"]["best_by_head"] == 1.0 and s["exact_match"]["best_by_lm"] == 0.0
+
+
 def test_help_lists_every_option():
     for script, flags in (("train_sft.py", ["--tasks", "--init", "--kshot", "--label-noise"]),
                           ("train_dph.py", ["--loss", "--label-smoothing", "--dpo-weight", "--beta",
+                                            "--dph-weight", "--rejected",
                                             "--dpo-label-smoothing", "--freeze-backbone",
                                             "--pooler"]),
-                          ("evaluate.py", ["--generate", "-n", "--layout"])):
+                          ("evaluate.py", ["--generate", "--generate-from", "-n", "--layout"])):
         out = run(script, "--help").stdout
         for f in flags + ["--device", "--dtype", "--seed"]:
             assert f in out, f"{script} --help lacks {f}"

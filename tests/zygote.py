@@ -27,6 +27,7 @@ os.chdir(ROOT)
 import torch  # noqa: E402,F401  the expensive imports, once
 import common  # noqa: E402,F401
 import data  # noqa: E402,F401
+import evaluate  # noqa: E402,F401
 import losses  # noqa: E402,F401
 import model  # noqa: E402,F401
 import tasks  # noqa: E402

@@ -1,0 +1,200 @@
+"""Seed sweep: SFT -> DPH -> evaluate for several seeds, and the paper-style table as mean ± s.d.
+
+One seed's table is not a result: float rounding differs between CPU types, so a single run's
+numbers move from one machine to the next, and at the quick start's scale a seed moves a family
+by several points. This script runs the three stages of the quick start once per seed and reports
+each family's score as mean ± s.d. over the seeds, the spread of the averages, and the margins
+between the rows (the paper's claim is DPH > DPO > SFT).
+
+    python experiments/sweep.py --seeds 0,1,2                  # the quick start, three seeds
+    python experiments/sweep.py --seeds 0,1,2 --jobs 2         # two seeds at a time, a core each
+    python experiments/sweep.py --name separable --reuse-sft out/sweep/default/seed{seed}/sft \\
+        --dph "--loss separable"                               # an ablation on the same SFT runs
+
+Each run lives in OUT/NAME/seed<s>/{sft,dph,eval}; a stage whose output is complete is not run
+again (delete the folder to redo it), so an interrupted sweep continues where it stopped.
+`--bestofn K` also runs evaluate.py's inference-time alignment measurement on K synth/instruct
+test prompts per seed. The summary goes to OUT/NAME/summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = ("SFT", "DPO", "DPH")
+
+
+def stage(cmd: list, log: str, threads: int) -> float:
+    """Run one stage as its own process (its output to `log`); return its wall time."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    t = time.time()
+    with open(log, "w") as f:
+        rc = subprocess.call([sys.executable] + cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                             env=env)
+    if rc != 0:
+        tail = open(log).read().strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"{' '.join(cmd[:1])} exited {rc} (see {log}): {tail[0]}")
+    return time.time() - t
+
+
+def run_seed(seed: int, a, threads: int) -> dict:
+    d = os.path.join(a.out, a.name, f"seed{seed}")
+    os.makedirs(d, exist_ok=True)
+    sft = a.reuse_sft.format(seed=seed) if a.reuse_sft else os.path.join(d, "sft")
+    dph, ev = os.path.join(d, "dph"), os.path.join(d, "eval")
+    times = {}
+    if not a.reuse_sft and not os.path.exists(os.path.join(sft, "config.json")):
+        times["sft"] = stage(["train_sft.py", "--seed", str(seed), "--out", sft, "--overwrite"]
+                             + shlex.split(a.sft), os.path.join(d, "sft.log"), threads)
+    if not os.path.exists(os.path.join(dph, "config.json")):
+        times["dph"] = stage(["train_dph.py", "--init", sft, "--seed", str(seed), "--out", dph,
+                              "--overwrite"] + shlex.split(a.dph), os.path.join(d, "dph.log"),
+                             threads)
+    if not os.path.exists(os.path.join(ev, "results.json")):
+        times["eval"] = stage(["evaluate.py", "--sft", sft, "--dph", dph, "--out", ev]
+                              + shlex.split(a.eval), os.path.join(d, "eval.log"), threads)
+    res = json.load(open(os.path.join(ev, "results.json")))
+    out = {"seed": seed, "table": res["table"], "seconds": times}
+    if a.bestofn:
+        bo = os.path.join(d, "bestofn", "generate.json")
+        if not os.path.exists(bo):
+            times["bestofn"] = stage(["evaluate.py", "--dph", dph, "--sft", "",
+                                      "--generate-from", "synth/instruct", "-n", str(a.n),
+                                      "--max-examples", str(a.bestofn), "--seed", str(seed),
+                                      "--out", os.path.dirname(bo)],
+                                     os.path.join(d, "bestofn.log"), threads)
+        out["bestofn"] = json.load(open(bo))
+    return out
+
+
+def mean_sd(xs: list) -> tuple:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise(runs: list) -> dict:
+    """Per row and column: mean and s.d. over seeds (×100), plus margins between rows."""
+    cols = list(next(iter(runs[0]["table"].values())))
+    summary = {"seeds": [r["seed"] for r in runs], "rows": {}, "margins": {}}
+    for row in ROWS:
+        if all(row in r["table"] for r in runs):
+            summary["rows"][row] = {c: mean_sd([100 * r["table"][row][c] for r in runs])
+                                    for c in cols}
+    for a, b in (("DPH", "DPO"), ("DPO", "SFT"), ("DPH", "SFT")):
+        if a in summary["rows"] and b in summary["rows"]:
+            diffs = [100 * (r["table"][a]["average"] - r["table"][b]["average"]) for r in runs]
+            fams = [c for c in cols if c not in ("average", "glue", "gpt4all", "race")]
+            wins = sum(summary["rows"][a][c][0] >= summary["rows"][b][c][0] for c in fams)
+            summary["margins"][f"{a}-{b}"] = {"average": mean_sd(diffs), "per_seed": diffs,
+                                              "families_ge": wins, "families": len(fams)}
+    if all("bestofn" in r for r in runs):
+        pickers = runs[0]["bestofn"]["exact_match"].keys()
+        summary["bestofn"] = {p: mean_sd([100 * r["bestofn"]["exact_match"][p] for r in runs])
+                              for p in pickers}
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    rows = s["rows"]
+    cols = list(next(iter(rows.values())))
+    short = [c.split("/")[-1][:11] for c in cols]
+    cell = {row: [f"{m:.1f} ± {sd:.1f}" for m, sd in (rows[row][c] for c in cols)] for row in rows}
+    w = [max(len(h), *(len(cell[r][i]) for r in rows)) for i, h in enumerate(short)]
+    lines = [f"mean ± s.d. over seeds {', '.join(map(str, s['seeds']))} (scores ×100)",
+             "model  " + "  ".join(h.rjust(n) for h, n in zip(short, w))]
+    for row in rows:
+        lines.append(f"{row:<6} " + "  ".join(v.rjust(n) for v, n in zip(cell[row], w)))
+    for k, m in s["margins"].items():
+        per = ", ".join(f"{x:+.1f}" for x in m["per_seed"])
+        lines.append(f"{k}: average {m['average'][0]:+.1f} ± {m['average'][1]:.1f} (per seed "
+                     f"{per}); {m['families_ge']} of {m['families']} families "
+                     f"{k.split('-')[0]} >= {k.split('-')[1]} on the seed mean")
+    if "bestofn" in s:
+        lines.append("inference-time alignment, synth/instruct exact match: " + ", ".join(
+            f"{p} {m:.1f} ± {sd:.1f}" for p, (m, sd) in s["bestofn"].items()))
+    return "\n".join(lines)
+
+
+def report(root: str, names: list) -> str:
+    """One line per sweep already run: each row's average, mean ± s.d. over its seeds."""
+    lines = [f"{'configuration':<24} " + "  ".join(f"{r:>11}" for r in ROWS) + "  seeds"]
+    for name in names:
+        path = os.path.join(root, name, "summary.json")
+        if not os.path.exists(path):
+            raise RuntimeError(f"{path}: not found (run the sweep --name {name} first)")
+        s = json.load(open(path))
+        cells = [f"{s['rows'][r]['average'][0]:.1f} ± {s['rows'][r]['average'][1]:.1f}"
+                 if r in s["rows"] else "-" for r in ROWS]
+        extra = ""
+        if "bestofn" in s:
+            extra = "  best-of-N EM: " + ", ".join(f"{p} {m:.1f} ± {sd:.1f}"
+                                                  for p, (m, sd) in s["bestofn"].items())
+        lines.append(f"{name:<24} " + "  ".join(f"{c:>11}" for c in cells) +
+                     f"  {len(s['seeds'])}" + extra)
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--out", default="out/sweep", help="root folder of the runs")
+    p.add_argument("--name", default="default", help="subfolder of this configuration")
+    p.add_argument("--sft", default="", help="extra flags for train_sft.py, one string")
+    p.add_argument("--dph", default="--loss contrastive",
+                   help="flags for train_dph.py, one string (default: the quick start's "
+                        "'--loss contrastive')")
+    p.add_argument("--eval", default="", help="extra flags for evaluate.py, one string")
+    p.add_argument("--reuse-sft", default="",
+                   help="SFT checkpoint per seed instead of training one, with {seed}")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="seeds run at once; each gets cores/jobs threads (default 1)")
+    p.add_argument("--bestofn", type=int, default=0,
+                   help="also measure best-of-N on this many synth/instruct test prompts")
+    p.add_argument("-n", type=int, default=8, help="samples per prompt for --bestofn")
+    p.add_argument("--report", default="",
+                   help="print the averages of these finished sweeps (comma-separated names)")
+    a = p.parse_args(argv)
+    if a.report:
+        try:
+            print(report(a.out, [n for n in a.report.split(",") if n]))
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds {a.seeds!r}: expected comma-separated integers")
+    if not seeds or a.jobs < 1 or a.bestofn < 0 or a.n < 1:
+        p.error("--seeds must name a seed; --jobs and -n must be >= 1, --bestofn >= 0")
+    if a.reuse_sft and "{seed}" not in a.reuse_sft and len(seeds) > 1:
+        p.error("--reuse-sft needs {seed} in the path when several seeds run")
+    threads = max(1, (os.cpu_count() or 1) // a.jobs)
+    t0 = time.time()
+    try:
+        with ThreadPoolExecutor(a.jobs) as pool:
+            runs = list(pool.map(lambda s: run_seed(s, a, threads), seeds))
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    s = summarise(runs)
+    s["seconds"] = {r["seed"]: r["seconds"] for r in runs}
+    s["wall_seconds"] = round(time.time() - t0, 1)
+    s["config"] = {"sft": a.sft, "dph": a.dph, "eval": a.eval, "reuse_sft": a.reuse_sft}
+    print(format_summary(s))
+    with open(os.path.join(a.out, a.name, "summary.json"), "w") as f:
+        json.dump(s, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

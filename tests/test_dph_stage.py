@@ -1,0 +1,93 @@
+"""The DPH stage's own pieces: the head path learns (a regression test: the preference head,
+trained through train_dph.pair_loss on a task whose answer is decided by one word of the prompt,
+separates chosen from rejected answers on held-out pairs, on the `tiny` preset in seconds), every
+wrong candidate as a rejected answer, the reward read only at <|im_end|>, and no dropout left in
+the alignment stage."""
+import random
+
+import pytest
+import torch
+
+from data import collate_choices, make_pairs, pair_index, score_choices
+from model import Attention
+from tasks import ChoiceExample, prompt
+from train_dph import DPHConfig, pair_loss
+
+FILLER = "the quick brown fox jumps over lazy dog and sea is wide".split()
+
+
+def _examples(n, seed):
+    """Sentences of filler words with one deciding word; gold = its sentiment."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.randrange(2)
+        words = rng.sample(FILLER, 6)
+        words.insert(rng.randrange(7), ("dull", "delight")[label])
+        msgs = prompt("sentiment", [("Sentence", " ".join(words))])
+        out.append(ChoiceExample("t", msgs, ["negative", "positive"], label))
+    return out
+
+
+def _accuracy(model, tok, items):
+    b = collate_choices(items, "shared", tok.pad, end_id=tok.im_end)
+    with torch.no_grad():
+        r = score_choices(model, b, rewards=True, logps=False)["rewards"]
+    w, l = pair_index(b.n_branches, r.device)
+    return (r[w] > r[l]).float().mean().item()
+
+
+def test_head_reaches_high_pair_accuracy(tok, make_model):
+    model = make_model(seed=0).train()
+    cfg = DPHConfig(loss="contrastive", label_smoothing=0.1)
+    train = make_pairs(tok, _examples(512, seed=1), random.Random(0), 256)
+    held_out = make_pairs(tok, _examples(128, seed=2), random.Random(0), 256)
+    before = _accuracy(model, tok, held_out)
+    # the backbone must learn too: at 1e-3 it barely moves in 200 steps and the head only learns
+    # which answer is more often right (accuracy = that answer's share, ~0.5)
+    opt = torch.optim.AdamW([{"params": model.head.parameters(), "lr": 3e-3},
+                             {"params": model.lm.parameters(), "lr": 3e-3}], weight_decay=0.0)
+    rng = random.Random(3)
+    for _ in range(200):
+        batch = collate_choices(rng.sample(train, 16), "shared", tok.pad, end_id=tok.im_end)
+        loss, _ = pair_loss(model, None, batch, cfg, torch.device("cpu"), torch.float32, False)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    after = _accuracy(model.eval(), tok, held_out)
+    assert after > 0.9, (before, after)
+    assert 0.25 < before < 0.75  # a fresh head is near chance: the rise is the training's
+
+
+def test_all_rejected_pairs_every_wrong_candidate(tok):
+    ex = ChoiceExample("t", prompt("multiple_choice", [("Question", "which?")]),
+                       ["A. red", "B. blue", "C. green", "D. pink"], 2)
+    (it,) = make_pairs(tok, [ex], random.Random(0), 256, rejected="all")
+    assert [tok.decode(b[:-1]) for b in it.branches] == ["C. green", "A. red", "B. blue", "D. pink"]
+    b = collate_choices([it, it], "shared", tok.pad, end_id=tok.im_end)
+    w, l = pair_index(b.n_branches, "cpu")
+    assert w.tolist() == [0, 0, 0, 4, 4, 4] and l.tolist() == [1, 2, 3, 5, 6, 7]
+    (one,) = make_pairs(tok, [ex], random.Random(0), 256)
+    assert len(one.branches) == 2 and one.branches[0] == it.branches[0]
+
+
+def test_reward_is_read_only_at_im_end(tok):
+    ex = ChoiceExample("t", prompt("sentiment", [("Sentence", "a delight")]),
+                       ["negative", "positive"], 1)
+    (it,) = make_pairs(tok, [ex], random.Random(0), 256)
+    it.branches[1] = it.branches[1][:-1]  # a branch that lost its <|im_end|>
+    with pytest.raises(ValueError, match="im_end"):
+        collate_choices([it], "shared", tok.pad, end_id=tok.im_end)
+
+
+def test_set_dropout_reaches_attention(make_model):
+    model = make_model(dropout=0.1)
+    attn = [m for m in model.modules() if isinstance(m, Attention)]
+    assert attn and all(a.dropout == 0.1 for a in attn)
+    model.set_dropout(0.0)  # what train_dph does: no dropout in the alignment stage
+    assert all(a.dropout == 0.0 for a in attn) and model.cfg.dropout == 0.0
+    assert all(m.p == 0.0 for m in model.lm.modules() if isinstance(m, torch.nn.Dropout))
+    x = torch.randint(0, 100, (2, 12))
+    model.train()
+    with torch.no_grad():  # in train mode, without dropout, two passes agree exactly
+        assert torch.equal(model(x).hidden, model(x).hidden)

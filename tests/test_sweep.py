@@ -1,0 +1,47 @@
+"""experiments/sweep.py: the seed sweep's table (mean ± s.d. per family over seeds), the margins
+between rows, and the report over finished sweeps, on hand-made results."""
+import json
+import os
+import statistics
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "experiments"))
+import sweep  # noqa: E402
+
+
+def _run(seed, sft, dpo, dph):
+    def row(a, b):
+        return {"synth/a": a, "synth/b": b, "average": (a + b) / 2}
+    return {"seed": seed, "table": {"SFT": row(*sft), "DPO": row(*dpo), "DPH": row(*dph)},
+            "bestofn": {"exact_match": {"first": 0.1 * seed, "best_by_head": 0.2}}}
+
+
+def test_summary_means_spreads_and_margins():
+    runs = [_run(0, (0.5, 0.6), (0.55, 0.6), (0.6, 0.7)),
+            _run(1, (0.4, 0.6), (0.45, 0.7), (0.5, 0.5)),
+            _run(2, (0.6, 0.6), (0.65, 0.65), (0.7, 0.6))]
+    s = sweep.summarise(runs)
+    m, sd = s["rows"]["DPH"]["synth/a"]
+    assert m == pytest.approx(60.0) and sd == pytest.approx(statistics.stdev([60, 50, 70]))
+    assert s["rows"]["SFT"]["average"][0] == pytest.approx(55.0)
+    d = s["margins"]["DPH-DPO"]
+    assert d["per_seed"] == pytest.approx([7.5, -7.5, 0.0])
+    assert d["average"][0] == pytest.approx(0.0, abs=1e-9)
+    assert d["families_ge"] == 1 and d["families"] == 2  # a: 60 >= 55; b: 60 < 65
+    assert s["bestofn"]["first"][0] == pytest.approx(10.0)
+    text = sweep.format_summary(s)
+    assert "60.0 ± 10.0" in text and "DPH-DPO: average" in text and "exact match" in text
+
+
+def test_report_reads_finished_sweeps(tmp_path):
+    s = sweep.summarise([_run(0, (0.5, 0.6), (0.55, 0.6), (0.6, 0.7)),
+                         _run(1, (0.4, 0.6), (0.45, 0.7), (0.5, 0.5))])
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "summary.json").write_text(json.dumps(s))
+    out = sweep.report(str(tmp_path), ["x"])
+    assert "x" in out and "57.5 ± 10.6" in out.replace("  ", " ")
+    with pytest.raises(RuntimeError, match="not found"):
+        sweep.report(str(tmp_path), ["missing"])
