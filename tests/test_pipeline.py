@@ -47,7 +47,7 @@ def test_checkpoints_exist_and_parse(pipeline):
         assert {"model.pt", "config.json", "tokenizer.json", "metrics.jsonl"} <= names
         cfg = json.loads((d / stage / "config.json").read_text())
         assert cfg["stage"] == stage and cfg["model"]["d_model"] == 64
-    assert json.loads((d / "dph" / "config.json").read_text())["head"]["pooler"] == "swiglu"
+    assert json.loads((d / "dph" / "config.json").read_text())["head"]["pooler"] == "identity"
     # the DPH stage inherited the SFT tokenizer
     assert (d / "sft" / "tokenizer.json").read_text() == (d / "dph" / "tokenizer.json").read_text()
     sft_log = read_jsonl(d / "sft" / "metrics.jsonl")
