@@ -1,4 +1,4 @@
-"""Benchmark: how fast the project trains, scores and generates, vs the naive layouts (issue 7).
+"""Benchmark: how fast the project trains, scores and generates, vs the naive layouts.
 
 Every comparison is a ratio measured within one run: the variants of a comparison are measured in
 alternation (round robin, the order reversed every round), each for --seconds, --repeats times,

@@ -1,4 +1,4 @@
-"""The tokenizer: byte-level BPE plus the chat tokens (SPEC §4).
+"""The tokenizer: byte-level BPE plus the chat tokens (ChatML).
 
     ChatTokenizer    a `tokenizers.Tokenizer` and the ids of <|endoftext|>, <|pad|>, <|im_start|>,
                      <|im_end|>: trained on the task text, loaded from tokenizer.json, or built

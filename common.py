@@ -1,5 +1,5 @@
 """What the three scripts share: flags from a config dataclass, device and dtype, seeding, the
-learning-rate schedule, prior regularisation (SPEC §3), logging and clean one-line errors, and
+learning-rate schedule, the paper's prior regularisation, logging and clean one-line errors, and
 the reliability pieces of the training scripts: torchrun/DDP set-up, resumable training state
 (RNG states, --resume config inheritance) and the output directory's life cycle.
 
@@ -448,7 +448,7 @@ def lr_at(step: int, lr: float, warmup: int, total: int, min_ratio: float = 0.1)
 
 
 class PriorRegularizer:
-    """Decoupled weight decay toward the weights a stage started from (SPEC §3, authors' code):
+    """Decoupled weight decay toward the weights a stage started from (the paper's prior regularisation; the authors' code):
     θ ← θ − lr·λ·(θ − θ₀) after each optimiser step. Parameters with no prior (a new head) decay
     toward zero with their own λ. Embeddings, norms and biases are excluded."""
 

@@ -1,4 +1,4 @@
-"""Chat rendering, packing and pair batching (SPEC §4 and §6); the tokenizer is chat_tokenizer.py.
+"""Chat rendering, packing and pair batching; the tokenizer is chat_tokenizer.py.
 
     render, render_prompt    ChatML ids built piece by piece, with train mask, score mask, pool index
     sft_document             one conversation (or k-shot bundle, or plain text) as ids + targets
@@ -34,7 +34,7 @@ from tasks import ChoiceExample, InstructionExample, PreferenceExample, TextExam
 IGNORE = -100
 
 # ----------------------------------------------------------------------------------------------
-# Chat rendering (SPEC §4)
+# Chat rendering (ChatML)
 
 
 @dataclass
@@ -87,7 +87,7 @@ def answer_branch(tok: ChatTokenizer, answer: str) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# SFT documents, truncation and packing (SPEC §6)
+# SFT documents, truncation and packing
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Evaluation and inference-time alignment (SPEC §7; the paper's results tables and best-of-N).
+"""Evaluation and inference-time alignment (the paper's results tables, and its inference-time alignment by pruning candidate generations).
 
 For every candidate answer of every example, one forward pass gives four readouts:
 

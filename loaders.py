@@ -1,6 +1,6 @@
 """Real datasets: readers for the paper's benchmarks, user JSONL and plain text (download.py fetches them).
 
-Importing this module registers the paper's tasks (SPEC §5) in tasks.REGISTRY and the mixtures
+Importing this module registers the paper's tasks in tasks.REGISTRY and the mixtures
 
     glue     glue/{cola,sst2,mrpc,qqp,stsb,mnli,mnli_mm,qnli,rte}  (GLUE without WNLI)
     gpt4all  hellaswag, openbookqa, winogrande, arc/easy, arc/challenge, boolq, piqa
@@ -22,7 +22,7 @@ MissingSplit (a TaskError) when a split does not exist (unlabelled test sets, no
 in the copies) or its files are not there, naming every path tried. Training code can skip a
 task on MissingSplit and must stop on any other TaskError.
 
-Templates and verbalisers (SPEC §5; candidate index = label):
+Templates and verbalisers (candidate index = label):
 
     task              system kind     fields                    candidates
     glue/cola         acceptability   Sentence                  no / yes
@@ -47,7 +47,7 @@ option filled in, continuation = the rest), so the blanked sentence is not store
 context options differ only in the option, so their common prefix, cut back to a word boundary,
 is the sentence up to the blank; that prefix is the prompt ("Context: Sarah was a much better
 surgeon than Maria so") and the candidates are "option + rest" ("Maria always got the easier
-cases."), exactly SPEC §5's verbaliser and lm-eval-harness's partial scoring. The official
+cases."), exactly the verbaliser used here and lm-eval-harness's partial scoring. The official
 format (sentence with "_") is converted to the same form, so both give identical examples.
 
     python loaders.py                      # table of tasks, splits and example counts ($DPH_DATA)

@@ -1,16 +1,16 @@
-"""Training objectives for Direct Preference Heads (DPH) and the LM head (SPEC §3).
+"""Training objectives for Direct Preference Heads (DPH) and the LM head.
 
 Paper: Hadji-Kyriacou & Arandjelović, "Would I Lie To You? Inference Time Alignment of Language
 Models using Direct Preference Heads", NeurIPS 2024 (arXiv 2405.20053).
 
 Paper <-> code
-    SPEC §3, separable objective (smoothed per-completion targets)   separable_dph_loss
-    SPEC §3, contrastive objective (smoothed reward difference)      contrastive_dph_loss
-    either of the two, chosen by name (``--loss``)                   dph_loss
-    reward penalty (NOT in the paper; added later by the authors)    reward_penalty
-    SPEC §3, link to conservative DPO (cDPO) on the LM head           dpo_loss
-    log π(y|x) from logits, for dpo_loss                             token_logps, sequence_logps
-    supervised fine-tuning (token cross-entropy)                     sft_loss
+    the paper's Separable DPH objective (smoothed per-completion targets)  separable_dph_loss
+    the paper's Contrastive DPH objective (smoothed reward difference)     contrastive_dph_loss
+    either of the two, chosen by name (``--loss``)                         dph_loss
+    reward penalty (NOT in the paper; added later by the authors)          reward_penalty
+    the paper's link to Conservative DPO (cDPO), on the LM head            dpo_loss
+    log π(y|x) from logits, for dpo_loss                                   token_logps, sequence_logps
+    supervised fine-tuning (token cross-entropy)                           sft_loss
 
 Notation: r_w / r_l are the head's rewards for the chosen ("winning") and rejected ("losing")
 completion, ε is the label smoothing (0 ≤ ε < 0.5), σ the logistic function. Every sigmoid loss
@@ -80,11 +80,11 @@ def _reward_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> Metrics
 
 
 # ----------------------------------------------------------------------------------------------
-# DPH objectives (the paper's Separable and Contrastive DPH; SPEC §3)
+# DPH objectives (the paper's Separable and Contrastive DPH)
 
 def separable_dph_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
                        label_smoothing: float = 0.0) -> Tuple[torch.Tensor, Metrics]:
-    """Separable DPH objective (SPEC §3): each completion is its own binary decision.
+    """The paper's Separable DPH objective: each completion is its own binary decision.
 
         L_sep = mean_B[−(1−ε)·log σ(r_w) − ε·log σ(−r_w)]
               + mean_B[−(1−ε)·log σ(−r_l) − ε·log σ(r_l)]
@@ -109,7 +109,7 @@ def separable_dph_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
 
 def contrastive_dph_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
                          label_smoothing: float = 0.0) -> Tuple[torch.Tensor, Metrics]:
-    """Contrastive DPH objective (SPEC §3): a smoothed Bradley–Terry loss on the reward difference.
+    """The paper's Contrastive DPH objective: a smoothed Bradley–Terry loss on the reward difference.
 
         L_con = mean_B[−(1−ε)·log σ(r_w − r_l) − ε·log σ(r_l − r_w)]
 

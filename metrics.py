@@ -1,4 +1,4 @@
-"""Evaluation metrics and benchmark aggregates (SPEC §7). numpy only.
+"""Evaluation metrics and benchmark aggregates (the paper's GLUE and GPT4All tables). numpy only.
 
 Per-task metrics take integer predictions (the index of the chosen candidate) and integer gold
 labels; every function returns a plain Python float, on the 0..1 scale for accuracy and F1 and
@@ -10,7 +10,7 @@ GLUE conventions followed here (Wang et al., 2019, "GLUE", §4 and the leaderboa
   Spearman correlation. MNLI: accuracy on the matched and on the mismatched set. Everything else
   (SST-2, QNLI, RTE, WNLI): accuracy.
 - STS-B is scored here as a 6-way choice task (candidates "0".."5"), so the correlations are
-  between the predicted INTEGER and the real-valued gold similarity (SPEC §7). That loses a
+  between the predicted INTEGER and the real-valued gold similarity. That loses a
   little against a regression head that predicts a float (a perfect predictor rounded to the
   nearest integer scores 0.985 Pearson / 0.984 Spearman on the dev set), the price of reading it
   out of a reward head.

@@ -1,4 +1,4 @@
-"""The language model and its Direct Preference Head (SPEC §2; paper §3 "Direct Preference Heads").
+"""The language model and its Direct Preference Head (the paper's "Direct Preference Heads").
 
 Reading order, as in the paper:
 
@@ -10,10 +10,10 @@ Reading order, as in the paper:
                               returns the final normed hidden state and computes LM logits only
                               at the positions asked for
     attention_mask            block-diagonal (packing) and tree-shaped (shared prefix) masks
-    PreferenceHead            pooler f (identity | affine | swiglu) then r = wᵀ f(h), no bias (SPEC §2)
+    PreferenceHead            pooler f (identity | affine | swiglu) then r = wᵀ f(h), no bias (the paper's poolers)
     DPHModel                  backbone + head; freeze_backbone(); the reward path never touches the
                               LM head, so LM outputs are unchanged by head training
-    KVCache, generate         batched sampling of N answers for inference-time alignment (SPEC §7)
+    KVCache, generate         batched sampling of N answers for the paper's inference-time alignment
     save_checkpoint, load_checkpoint
                               a directory with weights (tensors only), config.json, tokenizer.json
     save_train_state, load_train_state
@@ -295,7 +295,7 @@ def attention_mask(doc_ids, branch_ids=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The preference head (the paper's "Direct Preference Heads"; SPEC §2): r = wᵀ f(h), f a pooler, no bias on w.
+# The preference head (the paper's "Direct Preference Heads"): r = wᵀ f(h), f a pooler, no bias on w.
 
 
 class PreferenceHead(nn.Module):

@@ -4,7 +4,7 @@ No files and no network: every example is generated from a seed, in a small regu
 (about 600 distinct words with the numbers: twenty names, a dozen places and objects, colours,
 days), so a tiny Transformer trained from scratch on two CPU cores can learn the tasks in
 minutes. Each family
-copies the FORMAT and VERBALISER of a real benchmark (SPEC §5), so the same training and
+copies the FORMAT and VERBALISER of a real benchmark of the paper, so the same training and
 evaluation code serves the real datasets later.
 
     family               mirrors            candidates (index = label)         metrics

@@ -1,4 +1,4 @@
-"""Examples, prompt templates and the task registry (SPEC §5).
+"""Examples, prompt templates and the task registry.
 
 Every dataset, built-in or real, is turned into one of three kinds of example:
 

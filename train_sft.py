@@ -1,4 +1,4 @@
-"""Stage 1: supervised fine-tuning (SPEC §3 "SFT loss", §6 batching; the paper's SFT stage).
+"""Stage 1: supervised fine-tuning (the paper's SFT stage of its three-stage pipeline).
 
 The model learns to answer every task in the mixture: token cross-entropy on the assistant content
 and its <|im_end|> only, over conversations packed into rows of seq_len with a block-diagonal

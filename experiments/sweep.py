@@ -157,6 +157,8 @@ def main(argv=None):
                    help="SFT checkpoint per seed instead of training one, with {seed}")
     p.add_argument("--jobs", type=int, default=1,
                    help="seeds run at once; each gets cores/jobs threads (default 1)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="threads per stage (default: cores/jobs)")
     p.add_argument("--bestofn", type=int, default=0,
                    help="also measure best-of-N on this many synth/instruct test prompts")
     p.add_argument("-n", type=int, default=8, help="samples per prompt for --bestofn")
@@ -174,11 +176,12 @@ def main(argv=None):
         seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     except ValueError:
         p.error(f"--seeds {a.seeds!r}: expected comma-separated integers")
-    if not seeds or a.jobs < 1 or a.bestofn < 0 or a.n < 1:
-        p.error("--seeds must name a seed; --jobs and -n must be >= 1, --bestofn >= 0")
+    if not seeds or a.jobs < 1 or a.bestofn < 0 or a.n < 1 or a.threads < 0:
+        p.error("--seeds must name a seed; --jobs and -n must be >= 1, --bestofn and --threads "
+                ">= 0")
     if a.reuse_sft and "{seed}" not in a.reuse_sft and len(seeds) > 1:
         p.error("--reuse-sft needs {seed} in the path when several seeds run")
-    threads = max(1, (os.cpu_count() or 1) // a.jobs)
+    threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
     t0 = time.time()
     try:
         with ThreadPoolExecutor(a.jobs) as pool:

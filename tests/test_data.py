@@ -1,4 +1,4 @@
-"""Tests for data.py (SPEC §4–§6): ChatML rendering and masks at exact token positions, special
+"""Tests for data.py: ChatML rendering and masks at exact token positions, special
 tokens not injectable through text, ids intact across piece boundaries, packing isolation fields,
 best-fit packing, truncation that keeps the answer, k-shot bundles, uniform rejected answers,
 label noise, the shared-prefix and padded layouts scoring identically, and the tokenizers."""

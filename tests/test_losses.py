@@ -1,5 +1,5 @@
 """Tests for losses.py: reductions to the plain losses, closed-form optima, gradient signs,
-numerical range, label-smoothing validation, metrics, log-likelihoods and SFT (SPEC §3)."""
+numerical range, label-smoothing validation, metrics, log-likelihoods and SFT."""
 import math
 import os
 import sys

@@ -1,4 +1,4 @@
-"""Tests for model.py (SPEC §2): attention masks for packing and shared prefixes, KV cache,
+"""Tests for model.py: attention masks for packing and shared prefixes, KV cache,
 where the reward is read, head-only training leaving the LM untouched, logits only where asked,
 checkpoints under weights_only=True, preset sizes, generation and the preference-head poolers.
 

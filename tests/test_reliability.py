@@ -1,4 +1,4 @@
-"""Reliability of the training scripts (issue 6): exact resume after SIGKILL, a diverged run that
+"""Reliability of the training scripts: exact resume after SIGKILL, a diverged run that
 stops and keeps its last good checkpoint, one-line errors (exit status 2, nothing written) on
 bad input, safe loading of the resume state, and torchrun/DDP runs that match one process.
 

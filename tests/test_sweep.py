@@ -45,3 +45,13 @@ def test_report_reads_finished_sweeps(tmp_path):
     assert "x" in out and "57.5 ± 10.6" in out.replace("  ", " ")
     with pytest.raises(RuntimeError, match="not found"):
         sweep.report(str(tmp_path), ["missing"])
+
+
+@pytest.mark.parametrize("argv,named", [(["--threads", "-1"], "--threads"),
+                                        (["--jobs", "0"], "--jobs"), (["--seeds", "a,b"], "--seeds")])
+def test_bad_flags_exit_with_a_one_line_error_naming_the_flag(argv, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        sweep.main(argv)
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error:" in last and named in last
