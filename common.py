@@ -152,7 +152,7 @@ def run_main(main):
     """Run a script's main(). User-facing errors become one line on stderr: bad flags or input
     (and unreadable paths) exit with status 2, a diverged run (FloatingPointError) with 3. Any
     other exception is a bug and keeps its traceback. A torchrun process group is torn down."""
-    from model import CheckpointError
+    from checkpoint import CheckpointError
     from tasks import TaskError
     try:
         status = main()
@@ -367,7 +367,7 @@ def barrier(dist: Dist):
 def weights_digest(model) -> str:
     """sha256 over the bytes of every state-dict tensor, in order (model.pt holds the same, and
     config.json records it as weights_sha256)."""
-    from model import state_digest
+    from checkpoint import state_digest
     return state_digest(model.state_dict())
 
 
@@ -404,13 +404,13 @@ RESUME_MAY_CHANGE = {"out", "overwrite", "resume", "save_every", "eval_every", "
 
 
 def open_resume(cfg, argv=None):
-    """--resume: -> (cfg, state). state is the stored training state (model.RESUME in --out) and
+    """--resume: -> (cfg, state). state is the stored training state (checkpoint.RESUME in --out) and
     cfg the stored config with the flags the user set on top; state None = start at step 0.
 
     No RESUME file: start from step 0 when --out holds no checkpoint (a run killed before its
     first save, or the first launch of a job that is requeued with the same command); an error
     when it holds a checkpoint without resume state (it would be overwritten)."""
-    from model import CONFIG, RESUME, load_train_state
+    from checkpoint import CONFIG, RESUME, load_train_state
     if not getattr(cfg, "resume", False):
         return cfg, None
     f = os.path.join(cfg.out, RESUME)
@@ -495,7 +495,7 @@ def load_init(path: str, device="cpu"):
         model, info, tok = pretrained.load_pretrained(path)
         return model.to(device), {"pretrained": info}, tok
     from chat_tokenizer import ChatTokenizer
-    from model import TOKENIZER, CheckpointError, load_checkpoint
+    from checkpoint import TOKENIZER, CheckpointError, load_checkpoint
     f = os.path.join(path, TOKENIZER)
     if os.path.isdir(path) and not os.path.isfile(f):
         raise CheckpointError(f"{f}: not found (a checkpoint carries its tokenizer)")
@@ -517,7 +517,7 @@ def load_init(path: str, device="cpu"):
 
 def check_vocab(tok, vocab_size: int, where: str):
     """A token id past the embedding table would index out of range mid-run: refuse up front."""
-    from model import CheckpointError
+    from checkpoint import CheckpointError
     if len(tok) > vocab_size:
         raise CheckpointError(f"{where}: {len(tok)} tokens, but the model has {vocab_size} "
                               f"embedding rows (a tokenizer of another model?)")

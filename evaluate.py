@@ -34,7 +34,7 @@ from common import UsageError, opt
 from chat_tokenizer import ChatTokenizer
 from data import ChoiceItem, answer_branch, collate_choices, eval_items, \
     render_prompt, score_choices
-from model import generate, load_checkpoint
+from model import generate
 from tasks import SYSTEM_PROMPTS, MissingSplit, TaskError, resolve_tasks
 
 ROWS = (("SFT", "sft", "lm_mean"), ("DPO", "dph", "lm_mean"), ("DPH", "dph", "reward"))

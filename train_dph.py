@@ -36,7 +36,8 @@ from data import (REJECTED, TaskSampler, apply_label_noise, collate_choices, mak
                   pair_index, score_choices)
 from frozen import StateCache, cached_pair_loss, cached_validation
 from losses import dph_loss, dpo_loss, reward_penalty
-from model import DPHModel, ModelConfig, PreferenceHead, save_checkpoint, save_train_state
+from checkpoint import save_checkpoint, save_train_state
+from model import DPHModel, ModelConfig, PreferenceHead
 from tasks import InstructionExample, TaskError, resolve_tasks
 
 PAIR_KINDS = ("choice", "preference", "instruction")  # instructions: those with distractors

@@ -28,7 +28,8 @@ from common import UsageError, opt
 from chat_tokenizer import SPECIALS, ChatTokenizer, training_text
 from data import IGNORE, PackedBatch, SFTStream, apply_label_noise, sft_document
 from losses import sft_loss
-from model import DPHModel, ModelConfig, padded_vocab, preset, save_checkpoint, save_train_state
+from checkpoint import save_checkpoint, save_train_state
+from model import DPHModel, ModelConfig, padded_vocab, preset
 from tasks import TextExample, resolve_tasks
 
 

@@ -141,7 +141,7 @@ def load_hf(path: str):
 def load_pretrained(path: str):
     """-> (DPHModel, info, ChatTokenizer). info goes into the config of checkpoints trained
     from it ("pretrained")."""
-    from model import CheckpointError
+    from checkpoint import CheckpointError
     try:
         if is_gguf(path):
             return load_gguf(path)

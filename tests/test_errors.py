@@ -22,8 +22,8 @@ import common
 import evaluate
 import train_dph
 import train_sft
-from model import (CheckpointError, DPHModel, load_checkpoint, padded_vocab, preset,
-                   save_checkpoint, save_train_state)
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_train_state
+from model import DPHModel, padded_vocab, preset
 from test_reliability import Zygote, _listing, cmd, error_line
 
 SCRIPTS = {"train_sft.py": (train_sft.SFTConfig, train_sft.validate, train_sft.RANGES),

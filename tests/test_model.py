@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from losses import separable_dph_loss
-from model import (CheckpointError, DPHModel, KVCache, PreferenceHead, attention_mask, generate,
-                   load_checkpoint, padded_vocab, preset, sample_next, save_checkpoint)
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model import (DPHModel, KVCache, PreferenceHead, attention_mask, generate, padded_vocab,
+                   preset, sample_next)
 
 ATOL = 1e-5  # float32: the same maths through different SDPA kernels/shapes agrees to ~1e-6
 

@@ -26,8 +26,9 @@ import pytest
 import torch
 
 import common
-from model import (RESUME, CheckpointError, DPHModel, load_train_state, padded_vocab, preset,
-                   save_checkpoint, save_train_state)
+from checkpoint import (RESUME, CheckpointError, load_train_state, save_checkpoint,
+                        save_train_state)
+from model import DPHModel, padded_vocab, preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items()

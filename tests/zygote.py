@@ -30,6 +30,7 @@ import data  # noqa: E402,F401
 import evaluate  # noqa: E402,F401
 import losses  # noqa: E402,F401
 import model  # noqa: E402,F401
+import checkpoint  # noqa: E402,F401
 import tasks  # noqa: E402
 import train_dph  # noqa: E402,F401
 import train_sft  # noqa: E402,F401
