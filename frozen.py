@@ -22,7 +22,7 @@ import torch
 
 import common
 from data import collate_choices, make_pairs, pair_index
-from losses import dph_loss, reward_penalty
+from losses import items_dph_loss, reward_penalty
 
 
 class StateCache:
@@ -87,9 +87,11 @@ def cached_pair_loss(head, cache: StateCache, items, cfg):
     """w_dph·L_DPH (+ the optional reward penalty) of a batch of pairs, the head reading cached
     states: what train_dph.pair_loss computes with a frozen backbone, without the backbone."""
     h = cache.gather(items)
-    w, l = pair_index([len(it.branches) for it in items], h.device)
+    n = [len(it.branches) for it in items]
+    w, l = pair_index(n, h.device)
     r = head(h).float()
-    loss, metrics = dph_loss(r[w], r[l], cfg.loss, cfg.label_smoothing)
+    loss, metrics = items_dph_loss(r, n, cfg.loss, getattr(cfg, "contrast", "pairs"),
+                                   cfg.label_smoothing)
     loss = getattr(cfg, "dph_weight", 1.0) * loss
     if cfg.reward_penalty > 0:
         pen, pm = reward_penalty(r[w], r[l], cfg.reward_penalty, cfg.reward_penalty_kind)

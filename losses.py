@@ -7,6 +7,8 @@ Paper <-> code
     the paper's Separable DPH objective (smoothed per-completion targets)  separable_dph_loss
     the paper's Contrastive DPH objective (smoothed reward difference)     contrastive_dph_loss
     either of the two, chosen by name (``--loss``)                         dph_loss
+    Contrastive DPH over all K candidates of an item (NOT in the paper)    listwise_dph_loss
+    the DPH loss of a batch of items [chosen, wrong...] (``--contrast``)    items_dph_loss
     reward penalty (NOT in the paper; added later by the authors)          reward_penalty
     the paper's link to Conservative DPO (cDPO), on the LM head            dpo_loss
     log π(y|x) from logits, for dpo_loss                                   token_logps, sequence_logps
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 Metrics = Dict[str, torch.Tensor]
 
 DPH_LOSS_KINDS = ("separable", "contrastive")
+CONTRAST_KINDS = ("pairs", "softmax")
 PENALTY_KINDS = ("squared", "sum")
 
 
@@ -138,6 +141,70 @@ def dph_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, kind: str = "sepa
     if kind == "contrastive":
         return contrastive_dph_loss(r_chosen, r_rejected, label_smoothing)
     raise ValueError(f"unknown DPH loss kind {kind!r}; choose one of {DPH_LOSS_KINDS}")
+
+
+def listwise_dph_loss(rewards: torch.Tensor, n_candidates, label_smoothing: float = 0.0
+                      ) -> Tuple[torch.Tensor, Metrics]:
+    """The Contrastive DPH objective over all K candidates of an item at once. NOT in the paper,
+    which scores one (chosen, rejected) pair; this is its Plackett–Luce (softmax) form, for items
+    with one right answer and K−1 wrong ones. With p = softmax of the item's K rewards,
+
+        L_list = mean_items[−(1−ε)·log p_w − ε·mean_{j wrong} log p_j]
+
+    At K = 2, p_w = σ(r_w − r_l) and p_l = σ(r_l − r_w), so L_list is exactly the contrastive
+    loss L_con; the pair form (one term per wrong candidate) would instead count an item with
+    many wrong candidates many times, and push every wrong reward down separately. Optimum: each
+    wrong log-odds log(p_w/p_j) = log((1−ε)(K−1)/ε), finite for ε > 0.
+
+    Args:
+        rewards: (N,) rewards; item i's K_i candidates are consecutive, its chosen one first.
+        n_candidates: sequence of K_i ≥ 2, summing to N.
+        label_smoothing: ε, 0 ≤ ε < 0.5.
+    Returns:
+        loss: () scalar; metrics: dict of detached () tensors, over the (chosen, wrong) pairs.
+    """
+    _check_label_smoothing(label_smoothing)
+    sizes = [int(k) for k in n_candidates]
+    if min(sizes, default=2) < 2 or sum(sizes) != rewards.shape[0] or rewards.dim() != 1:
+        raise ValueError(f"rewards {tuple(rewards.shape)} must be flat and split into items of "
+                         f">= 2 candidates, got sizes {sizes[:8]}")
+    r = _upcast(rewards)
+    # (B, K_max), padded with −inf so that padding takes no softmax mass
+    grid = torch.nn.utils.rnn.pad_sequence(list(torch.split(r, sizes)), batch_first=True,
+                                           padding_value=float("-inf"))
+    logp = torch.log_softmax(grid, dim=1)
+    k = torch.tensor(sizes, device=r.device)
+    wrong = torch.arange(grid.shape[1], device=r.device)[None, :] < k[:, None]
+    wrong[:, 0] = False
+    mean_wrong = torch.where(wrong, logp, torch.zeros_like(logp)).sum(1) / (k - 1)
+    loss = (-(1.0 - label_smoothing) * logp[:, 0] - label_smoothing * mean_wrong).mean()
+    first = torch.cumsum(k, 0) - k  # each item's chosen index in `rewards`
+    chosen = torch.repeat_interleave(first, k - 1)
+    rejected = torch.tensor([i for s, n in zip(first.tolist(), sizes) for i in range(s + 1, s + n)],
+                            device=r.device, dtype=torch.long)
+    return loss, _reward_metrics(rewards[chosen], rewards[rejected])
+
+
+def items_dph_loss(rewards: torch.Tensor, n_candidates, kind: str = "contrastive",
+                   contrast: str = "softmax", label_smoothing: float = 0.0
+                   ) -> Tuple[torch.Tensor, Metrics]:
+    """The DPH loss of a batch of items whose candidates are [chosen, wrong_1, ..., wrong_k],
+    flat in ``rewards`` as in listwise_dph_loss: every (chosen, wrong_j) is one pair of
+    ``dph_loss(kind)``, except that the contrastive loss with contrast "softmax" is
+    listwise_dph_loss (one term per item). Items of two candidates give the same loss either
+    way; the separable loss has no contrast and ignores it."""
+    if contrast not in CONTRAST_KINDS:
+        raise ValueError(f"unknown contrast {contrast!r}; choose one of {CONTRAST_KINDS}")
+    if kind == "contrastive" and contrast == "softmax":
+        return listwise_dph_loss(rewards, n_candidates, label_smoothing)
+    chosen, rejected, s = [], [], 0
+    for k in n_candidates:
+        chosen += [s] * (k - 1)
+        rejected += range(s + 1, s + k)
+        s += k
+    idx = torch.tensor(chosen + rejected, device=rewards.device, dtype=torch.long)
+    return dph_loss(rewards[idx[:len(chosen)]], rewards[idx[len(chosen):]], kind,
+                    label_smoothing)
 
 
 def reward_penalty(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weight: float,

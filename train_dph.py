@@ -2,11 +2,14 @@
 
 Loads an SFT checkpoint, adds the preference head (pooler + w, no bias) and trains on
 (prompt, chosen, rejected) pairs: choice tasks give chosen = the gold answer and rejected = every
-wrong candidate, each its own pair (--rejected all, the default; beyond the paper, and cheap in
-the shared-prefix layout), or one wrong candidate drawn uniformly afresh at each visit (--rejected
-one, the paper); preference data is used as given; synth/instruct pairs its exact answer with
-near misses. The head's loss is the separable or the contrastive DPH objective with label
-smoothing ε. Jointly (as in the paper's alignment stage) the LM is trained with conservative DPO
+wrong candidate (--rejected all, the default; beyond the paper, and cheap in the shared-prefix
+layout), or one wrong candidate drawn uniformly afresh at each visit (--rejected one, the paper);
+preference data is used as given; synth/instruct pairs its exact answer with near misses. The
+head's loss is the separable or the contrastive DPH objective with label smoothing ε; with
+several wrong candidates the contrastive loss is one softmax over the item's candidates
+(--contrast softmax, the default, beyond the paper; losses.listwise_dph_loss, equal to the
+paper's loss for one wrong candidate) or one pair per wrong candidate (--contrast pairs); cDPO
+always takes one pair per wrong candidate. Jointly (as in the paper's alignment stage) the LM is trained with conservative DPO
 against a frozen copy of the SFT model: the alignment loss is w_dph·L_DPH + w_dpo·L_cDPO
 (--dph-weight, --dpo-weight; 0 disables cDPO and skips the reference model). The backbone is
 pulled toward its SFT weights (prior regularisation); the head decays toward zero.
@@ -35,7 +38,7 @@ from chat_tokenizer import ChatTokenizer
 from data import (REJECTED, TaskSampler, apply_label_noise, collate_choices, make_pairs,
                   pair_index, score_choices)
 from frozen import StateCache, cached_pair_loss, cached_validation
-from losses import dph_loss, dpo_loss, reward_penalty
+from losses import CONTRAST_KINDS, dpo_loss, items_dph_loss, reward_penalty
 from checkpoint import save_checkpoint, save_train_state
 from model import DPHModel, ModelConfig, PreferenceHead
 from tasks import InstructionExample, TaskError, resolve_tasks
@@ -53,12 +56,16 @@ class DPHConfig:
     data_seed: int = opt(0, "seed of the built-in suite's generator")
     loss: str = opt("separable", "DPH objective", ["separable", "contrastive"])
     label_smoothing: float = opt(0.1, "ε of the DPH loss, 0 <= ε < 0.5")
+    contrast: str = opt("softmax", "--loss contrastive on an item with several wrong answers: one "
+                                   "softmax over its candidates (beyond the paper), or each "
+                                   "(chosen, wrong) its own pair; the same for 2 candidates",
+                        list(CONTRAST_KINDS))
     dph_weight: float = opt(1.0, "w_dph, weight of the DPH loss in the alignment loss")
     dpo_weight: float = opt(1.0, "w_dpo, weight of the joint cDPO term on the LM (0: off, no "
                                  "reference)")
-    rejected: str = opt("all", "rejected answers per item: all wrong candidates, each a pair "
-                               "(beyond the paper), or one drawn afresh at each visit (the "
-                               "paper)", list(REJECTED))
+    rejected: str = opt("all", "rejected answers per item: all wrong candidates (beyond the "
+                               "paper), or one drawn afresh at each visit (the paper)",
+                        list(REJECTED))
     beta: float = opt(0.1, "β of the cDPO term")
     dpo_label_smoothing: float = opt(0.1, "ε of the cDPO term")
     reward_penalty: float = opt(0.0, "λ of the optional reward penalty (not in the paper)")
@@ -122,7 +129,9 @@ def validate(cfg: DPHConfig, argv=None):
                               "reward_penalty_kind": "--reward-penalty is 0"
                               if cfg.reward_penalty == 0 else "",
                               "lr": "--freeze-backbone" if cfg.freeze_backbone else "",
-                              "prior_decay": "--freeze-backbone" if cfg.freeze_backbone else ""})
+                              "prior_decay": "--freeze-backbone" if cfg.freeze_backbone else "",
+                              "contrast": "--loss separable has no contrast"
+                              if cfg.loss == "separable" else ""})
     if getattr(cfg, "dph_weight", 1.0) == 0 and (cfg.dpo_weight == 0 or cfg.freeze_backbone):
         raise UsageError("--dph-weight 0 with no cDPO term (--dpo-weight 0 or "
                          "--freeze-backbone): there is nothing to train")
@@ -155,7 +164,8 @@ def pair_loss(model, ref, batch, cfg, device, dtype, use_dpo):
         res = score_choices(model, batch, rewards=True, logps=use_dpo)
     w, l = pair_index(batch.n_branches, res["rewards"].device)
     r = res["rewards"].float()
-    loss, metrics = dph_loss(r[w], r[l], cfg.loss, cfg.label_smoothing)
+    loss, metrics = items_dph_loss(r, batch.n_branches, cfg.loss, cfg.contrast,
+                                   cfg.label_smoothing)
     loss = cfg.dph_weight * loss
     if cfg.reward_penalty > 0:
         pen, pm = reward_penalty(r[w], r[l], cfg.reward_penalty, cfg.reward_penalty_kind)
@@ -231,6 +241,8 @@ def check_memory(mcfg, cfg: DPHConfig, pairs: list, device):
 def main(argv=None):
     cfg, _ = common.parse_config(DPHConfig, __doc__.splitlines()[0], argv)
     cfg, state = common.open_resume(cfg, argv)  # --resume: the stored config and training state
+    if state is not None and "contrast" not in state["config"]:  # a run from before --contrast
+        cfg = dataclasses.replace(cfg, contrast="pairs")
     validate(cfg, argv)
     dist, device = common.init_distributed(cfg.device)
     common.seed_everything(cfg.seed)

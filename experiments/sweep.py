@@ -14,7 +14,7 @@ between the rows (the paper's claim is DPH > DPO > SFT).
 Each run lives in OUT/NAME/seed<s>/{sft,dph,eval}; a stage whose output is complete is not run
 again (delete the folder to redo it), so an interrupted sweep continues where it stopped.
 `--bestofn K` also runs evaluate.py's inference-time alignment measurement on K synth/instruct
-test prompts per seed. The summary goes to OUT/NAME/summary.json.
+test prompts per seed (in seed<s>/bestofn-KxN, N samples each). The summary goes to OUT/NAME/summary.json.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def run_seed(seed: int, a, threads: int) -> dict:
     res = json.load(open(os.path.join(ev, "results.json")))
     out = {"seed": seed, "table": res["table"], "seconds": times}
     if a.bestofn:
-        bo = os.path.join(d, "bestofn", "generate.json")
+        bo = os.path.join(d, f"bestofn-{a.bestofn}x{a.n}", "generate.json")  # one per size
         if not os.path.exists(bo):
             times["bestofn"] = stage(["evaluate.py", "--dph", dph, "--sft", "",
                                       "--generate-from", "synth/instruct", "-n", str(a.n),

@@ -71,6 +71,35 @@ def test_all_rejected_pairs_every_wrong_candidate(tok):
     assert len(one.branches) == 2 and one.branches[0] == it.branches[0]
 
 
+def test_softmax_contrast_is_one_term_per_item(tok, make_model):
+    """--contrast softmax: pair_loss is the listwise loss over each item's K candidates (one term
+    per item), --contrast pairs the mean over its K−1 pairs; the two agree on 2-candidate items."""
+    from losses import contrastive_dph_loss, listwise_dph_loss
+    model = make_model(seed=0).eval()
+    ex = ChoiceExample("t", prompt("multiple_choice", [("Question", "which?")]),
+                       ["A. red", "B. blue", "C. green", "D. pink"], 2)
+    two = ChoiceExample("t", prompt("sentiment", [("Sentence", "a delight")]),
+                        ["negative", "positive"], 1)
+    items = make_pairs(tok, [ex, two], random.Random(0), 256, rejected="all")
+    batch = collate_choices(items, "shared", tok.pad, end_id=tok.im_end)
+    with torch.no_grad():
+        r = score_choices(model, batch, logps=False)["rewards"].float()
+        got = {c: pair_loss(model, None, batch, DPHConfig(loss="contrastive", contrast=c),
+                            torch.device("cpu"), torch.float32, False)[0].item()
+               for c in ("pairs", "softmax")}
+    assert batch.n_branches == [4, 2]
+    assert got["softmax"] == pytest.approx(listwise_dph_loss(r, [4, 2], 0.1)[0].item(), rel=1e-6)
+    assert got["pairs"] == pytest.approx(
+        contrastive_dph_loss(r[[0, 0, 0, 4]], r[[1, 2, 3, 5]], 0.1)[0].item(), rel=1e-6)
+    assert got["softmax"] != pytest.approx(got["pairs"], rel=1e-3)
+    batch2 = collate_choices(items[1:], "shared", tok.pad, end_id=tok.im_end)
+    with torch.no_grad():
+        a, b = (pair_loss(model, None, batch2, DPHConfig(loss="contrastive", contrast=c),
+                          torch.device("cpu"), torch.float32, False)[0].item()
+                for c in ("pairs", "softmax"))
+    assert a == pytest.approx(b, rel=1e-6)
+
+
 def test_reward_is_read_only_at_im_end(tok):
     ex = ChoiceExample("t", prompt("sentiment", [("Sentence", "a delight")]),
                        ["negative", "positive"], 1)

@@ -122,7 +122,9 @@ def test_bad_flag_values_are_usage_errors(script, args, expected, tmp_path):
 def test_flags_without_effect_get_a_note(tmp_path, capsys):
     validate_argv("train_sft.py", ["--prior-decay", "0.3"], tmp_path)
     validate_argv("train_dph.py", ["--dpo-weight", "0", "--beta", "0.5"], tmp_path)
+    validate_argv("train_dph.py", ["--loss", "separable", "--contrast", "pairs"], tmp_path)
     err = capsys.readouterr().err
+    assert "note: --contrast has no effect: --loss separable has no contrast" in err
     assert "note: --prior-decay has no effect: it pulls toward the --init weights" in err
     assert "note: --beta has no effect: the cDPO term is off (--dpo-weight 0)" in err
 

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from losses import (contrastive_dph_loss, dph_loss, dpo_loss, reward_penalty,  # noqa: E402
-                    separable_dph_loss, sequence_logps, sft_loss, token_logps)
+from losses import (contrastive_dph_loss, dph_loss, dpo_loss, items_dph_loss,  # noqa: E402
+                    listwise_dph_loss, reward_penalty, separable_dph_loss, sequence_logps,
+                    sft_loss, token_logps)
 
 DPH_LOSSES = [separable_dph_loss, contrastive_dph_loss]
 METRIC_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"}
@@ -376,3 +377,79 @@ def test_sft_loss_all_ignored_is_zero_with_grad():
     loss.backward()
     assert (logits.grad == 0).all()
     assert m["tokens"].item() == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The contrastive loss over all K candidates of an item (listwise_dph_loss, beyond the paper)
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_listwise_is_contrastive_at_two_candidates(eps):
+    g = torch.Generator().manual_seed(0)
+    r = (3 * torch.randn(12, generator=g, dtype=torch.float64)).requires_grad_()
+    lw, mw = listwise_dph_loss(r, [2] * 6, eps)
+    con, mc = contrastive_dph_loss(r[0::2], r[1::2], eps)
+    assert torch.allclose(lw, con, rtol=1e-12)
+    assert torch.allclose(torch.autograd.grad(lw, r)[0],
+                          torch.autograd.grad(con, r)[0], rtol=1e-10, atol=1e-14)
+    for k in mc:
+        assert torch.allclose(mw[k].double(), mc[k].double())
+
+
+def test_listwise_hand_value_ragged():
+    """Two items, K = 3 and 2: −(1−ε)·log p_w − ε·mean_wrong log p, by hand, then averaged."""
+    eps = 0.2
+    r = [1.0, -0.5, 2.0, 0.3, 0.7]
+    def item(x):
+        z = math.log(sum(math.exp(v) for v in x))
+        lp = [v - z for v in x]
+        return -(1 - eps) * lp[0] - eps * sum(lp[1:]) / (len(x) - 1)
+    want = (item(r[:3]) + item(r[3:])) / 2
+    got, m = listwise_dph_loss(t(*r), [3, 2], eps)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    # metrics over the (chosen, wrong) pairs: (1, -0.5), (1, 2), (0.3, 0.7)
+    assert m["rewards/accuracies"].item() == pytest.approx(1 / 3)
+    assert m["rewards/margins"].item() == pytest.approx((1.5 - 1.0 - 0.4) / 3)
+
+
+def test_listwise_reaches_its_optimum():
+    """Optimum: log(p_w / p_j) = log((1−ε)(K−1)/ε) for every wrong j; gradient 0 there."""
+    eps, K = 0.1, 4
+    gap = math.log((1 - eps) * (K - 1) / eps)
+    r = t(gap, 0.0, 0.0, 0.0, requires_grad=True)
+    loss, _ = listwise_dph_loss(r, [K], eps)
+    (g,) = torch.autograd.grad(loss, r)
+    assert g.abs().max().item() < 1e-12
+    r2 = t(gap + 0.5, 0.0, 0.0, 0.0)
+    assert listwise_dph_loss(r2, [K], eps)[0].item() > loss.item()
+
+
+def test_listwise_finite_and_shift_invariant_with_padding():
+    r = t(300.0, -400.0, 50.0, 1.0, 2.0, requires_grad=True)
+    loss, _ = listwise_dph_loss(r, [3, 2], 0.1)
+    (g,) = torch.autograd.grad(loss, r)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    shifted = listwise_dph_loss(r.detach() + t(7, 7, 7, -3, -3), [3, 2], 0.1)[0]
+    assert shifted.item() == pytest.approx(loss.item(), rel=1e-12)
+
+
+def test_listwise_bad_input_raises():
+    with pytest.raises(ValueError, match="items of >= 2"):
+        listwise_dph_loss(t(1.0, 2.0, 3.0), [1, 2])
+    with pytest.raises(ValueError, match="items of >= 2"):
+        listwise_dph_loss(t(1.0, 2.0, 3.0), [2, 2])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        listwise_dph_loss(t(1.0, 2.0), [2], 0.5)
+
+
+def test_items_dph_loss_dispatch():
+    r = t(1.0, -0.5, 2.0, 0.3, 0.7)
+    w, l = [0, 0, 3], [1, 2, 4]
+    for kind in ("separable", "contrastive"):
+        got = items_dph_loss(r, [3, 2], kind, "pairs", 0.1)[0]
+        assert got.item() == pytest.approx(dph_loss(r[w], r[l], kind, 0.1)[0].item(), rel=1e-12)
+    got = items_dph_loss(r, [3, 2], "contrastive", "softmax", 0.1)[0]
+    assert got.item() == pytest.approx(listwise_dph_loss(r, [3, 2], 0.1)[0].item(), rel=1e-12)
+    sep = items_dph_loss(r, [3, 2], "separable", "softmax", 0.1)[0]  # no contrast to change
+    assert sep.item() == pytest.approx(dph_loss(r[w], r[l], "separable", 0.1)[0].item(), rel=1e-12)
+    with pytest.raises(ValueError, match="unknown contrast"):
+        items_dph_loss(r, [3, 2], "contrastive", "lists", 0.1)
