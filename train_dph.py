@@ -9,8 +9,9 @@ head's loss is the separable or the contrastive DPH objective with label smoothi
 several wrong candidates the contrastive loss is one softmax over the item's candidates
 (--contrast softmax, the default, beyond the paper; losses.listwise_dph_loss, equal to the
 paper's loss for one wrong candidate) or one pair per wrong candidate (--contrast pairs); cDPO
-always takes one pair per wrong candidate. Jointly (as in the paper's alignment stage) the LM is trained with conservative DPO
-against a frozen copy of the SFT model: the alignment loss is w_dph·L_DPH + w_dpo·L_cDPO
+always takes one pair per wrong candidate. Jointly (as in the paper's alignment stage) the LM is
+trained with conservative DPO against a frozen copy of the SFT model: the alignment loss is
+w_dph·L_DPH + w_dpo·L_cDPO
 (--dph-weight, --dpo-weight; 0 disables cDPO and skips the reference model). The backbone is
 pulled toward its SFT weights (prior regularisation); the head decays toward zero.
 
