@@ -748,8 +748,8 @@ def test_cached_head_loss_equals_the_full_forward(tiny, tok):
                                {"role": "user", "content": f"Question {i}: which colour?"}],
                          ["red", "blue", "green", "no"], i % 4) for i in range(6)]
     cfg = SimpleNamespace(loss="separable", contrast="softmax", label_smoothing=0.1,
-                          dph_weight=1.0, reward_penalty=0.0, reward_penalty_kind="squared", batch_size=4,
-                          layout="shared")
+                          dph_weight=1.0, reward_penalty=0.0, reward_penalty_kind="squared",
+                          batch_size=4, layout="shared")
     cache = StateCache(model, tok, 256, torch.device("cpu"), torch.float32, batch_size=4)
     cache.add_examples(exs)
     assert cache.forwards == 6 and len(cache) == 6 * 4  # every candidate, one pass per example
