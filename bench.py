@@ -16,7 +16,10 @@ On a shared machine absolute numbers drift with the load; the ratios much less.
                  shared-prefix vs padded, on RACE-shaped items (prompt 384, answers 16 tokens)
     4. eval      evaluation candidates/s (no grad, 4 candidates per item), same shape
     5. generate  tokens/s for 128 new tokens with and without the KV cache
-    6. memory    peak memory of each measurement: on the CPU the peak resident set (VmHWM) of a
+    6. frozen    head-only training pairs/s with a frozen backbone (train_dph.py
+                 --freeze-backbone): the backbone run on every step vs the head on cached
+                 <|im_end|> states (frozen.StateCache), and the one-time cost of filling the cache
+    7. memory    peak memory of each measurement: on the CPU the peak resident set (VmHWM) of a
                  fresh subprocess per measurement, reset just before the measured step; on CUDA
                  torch.cuda.max_memory_allocated
 
@@ -71,7 +74,7 @@ from data import (IGNORE, ChoiceItem, PackedBatch, SFTStream, TaskSampler, colla
 from losses import dph_loss, dpo_loss, sft_loss
 from model import PRESETS, DPHModel, attention_mask, generate, preset
 
-SECTIONS = ("peak", "packing", "sft", "dph", "eval", "generate", "memory")
+SECTIONS = ("peak", "packing", "sft", "dph", "eval", "generate", "frozen", "memory")
 REAL_TASKS = "glue/sst2,glue/cola,glue/mrpc,glue/rte,glue/stsb,boolq,arc/easy,piqa,winogrande"
 SFT_MODES = {  # name -> what it is
     "packed_masked": "packed, document masks (training path)",
@@ -811,6 +814,67 @@ def run_generate(name, data, args, device, dtype, sync) -> dict:
             "samples_per_call": args.gen_samples}
 
 
+def run_frozen(name, data, tok, args, device, dtype, sync) -> dict:
+    """Head-only DPH training with a frozen backbone, as train_dph.py --freeze-backbone runs it:
+    (a) the backbone's forward on every step, gradients through the head only; (b) the head on
+    cached <|im_end|> states (frozen.StateCache, filled once before timing). Each step is the
+    DPH loss, backward and an AdamW step of the head. The fill rate is reported separately: one
+    no-grad backbone forward per example, once; every later visit of the example costs the head
+    alone."""
+    from types import SimpleNamespace
+
+    from frozen import StateCache, cached_pair_loss
+    cfg = SimpleNamespace(loss="contrastive", contrast="softmax", label_smoothing=0.1,
+                          dph_weight=1.0, reward_penalty=0.0)
+    items = data["dph_items"]
+    models = {}
+    for v in ("backbone", "cache"):
+        m = build_model(name, args, device, head=True)
+        m.freeze_backbone()
+        m.lm.eval()  # a frozen backbone runs without dropout, as in train_dph.py
+        models[v] = m
+    batches = choice_batches(items, args.dph_batch, "shared", tok.pad, device)
+    opts = {v: torch.optim.AdamW(m.head.parameters(), lr=1e-3) for v, m in models.items()}
+    cache = StateCache(models["cache"], tok, 10 ** 9, device, dtype, batch_size=args.dph_batch)
+    t0 = time.perf_counter()
+    cache.fill(items)
+    sync()
+    fill_s = time.perf_counter() - t0
+    state = {"backbone": 0, "cache": 0}
+
+    def step_backbone():
+        i = state["backbone"] % len(batches)
+        state["backbone"] += 1
+        b = batches[i]
+        with common.autocast(device, dtype):
+            r = score_choices(models["backbone"], b, rewards=True, logps=False)["rewards"]
+        loss, _ = dph_loss(r.float().view(-1, 2)[:, 0], r.float().view(-1, 2)[:, 1],
+                           "contrastive", 0.1)
+        loss.backward()
+        opts["backbone"].step()
+        opts["backbone"].zero_grad(set_to_none=True)
+        return len(b.n_branches)
+
+    def step_cache():
+        i = state["cache"] % len(batches)
+        state["cache"] += 1
+        chunk = items[i * args.dph_batch:(i + 1) * args.dph_batch]
+        loss, _ = cached_pair_loss(models["cache"].head, cache, chunk, cfg)
+        loss.backward()
+        opts["cache"].step()
+        opts["cache"].zero_grad(set_to_none=True)
+        return len(chunk)
+
+    variants = {"backbone": step_backbone, "cache": step_cache}
+    s = compare(variants, args.repeats, args.seconds, sync)
+    res = {k: rate_summary(v, "pairs_per_s") for k, v in s.items()}
+    fill_pairs_s = len(items) / fill_s
+    return {**res, "speedup": speedup(s["cache"], s["backbone"]),
+            "fill_pairs_per_s": round(fill_pairs_s, 2), "pairs": len(items),
+            "batch": args.dph_batch, "prompt_len": args.prompt_len,
+            "answer_len": args.answer_len}
+
+
 # ----------------------------------------------------------------------------------------------
 # Targets and the printed table
 
@@ -929,6 +993,14 @@ def fmt_table(R) -> str:
             L.append(f"  {k:17s} {g[k]['tokens_per_s']:9.1f} {g[k]['tokens_per_s_best']:9.1f} "
                      f"{memcol(key)}")
         L.append(f"  KV cache speedup {g['speedup']['median']:.1f}×")
+    if "frozen" in R:
+        f = R["frozen"]
+        L.append(f"head-only training, frozen {f['preset']} backbone, prompt {f['prompt_len']} + "
+                 f"2×{f['answer_len']} tokens, {f['batch']} pairs/step: pairs/s (median, best)")
+        for k in ("backbone", "cache"):
+            L.append(f"  {k:17s} {f[k]['pairs_per_s']:9.2f} {f[k]['pairs_per_s_best']:9.2f}")
+        L.append(f"  cached/backbone {f['speedup']['median']:.1f}×; filling the cache: "
+                 f"{f['fill_pairs_per_s']:.1f} pairs/s, once")
     if "attention_backend" in R:
         a = R["attention_backend"]
         L.append(f"SDPA kernel: masked -> {a['masked']['kernel']}, causal -> "
@@ -1039,6 +1111,12 @@ def main(argv=None):
         R["generate"] = {"preset": cp, **run_generate(cp, data, args, device, dtype, sync)}
         specs += [{"kind": "generate", "preset": cp, "cache": c} for c in (True, False)]
         log(f"generate: KV cache {R['generate']['speedup']}")
+    if "frozen" in secs:
+        if "dph_items" not in data:
+            data["dph_items"] = race_items(4 * args.dph_batch, args.prompt_len, args.answer_len,
+                                           2, lo, len(tok), tok, args.seed)
+        R["frozen"] = {"preset": cp, **run_frozen(cp, data, tok, args, device, dtype, sync)}
+        log(f"frozen: cached/backbone {R['frozen']['speedup']}")
     name0 = args.presets[0] if args.presets else cp
     m0 = build_model(name0, args, torch.device("cpu"))
     R["attention_backend"] = attention_backend(m0.cfg, args.sft_batch, args.seq_len, device, dtype)

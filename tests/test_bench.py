@@ -22,7 +22,7 @@ def test_bench_quick_writes_every_section(tmp_path):
     R = json.loads(out.read_text())
 
     for key in ("config", "machine", "peak", "packing", "sft", "dph", "eval", "generate",
-                "memory", "attention_backend", "targets", "mfu_formula", "command"):
+                "frozen", "memory", "attention_backend", "targets", "mfu_formula", "command"):
         assert key in R, key
     assert R["config"]["quick"] is True
     assert positive(R["peak"]["gflops"])
@@ -52,6 +52,9 @@ def test_bench_quick_writes_every_section(tmp_path):
     for k in ("cache", "no_cache"):
         assert positive(R["generate"][k]["tokens_per_s"])
     assert positive(R["generate"]["speedup"]["median"])
+    for k in ("backbone", "cache"):
+        assert positive(R["frozen"][k]["pairs_per_s"])
+    assert positive(R["frozen"]["fill_pairs_per_s"]) and positive(R["frozen"]["speedup"]["median"])
 
     items = R["memory"]["items"]
     expected = ({f"sft/tiny/{m}" for m in modes}
