@@ -42,7 +42,8 @@ ROWS = (("SFT", "sft", "lm_mean"), ("DPO", "dph", "lm_mean"), ("DPH", "dph", "re
 
 @dataclass
 class EvalConfig:
-    sft: str = opt("out/sft", "SFT checkpoint ('' to skip)")
+    sft: str = opt("out/sft", "SFT checkpoint, or a pretrained .gguf / Hugging Face directory "
+                              "(its zero-shot LM) ('' to skip)")
     dph: str = opt("out/dph", "DPH checkpoint ('' to skip)")
     tasks: str = opt("", "tasks and mixtures (default: the tasks the checkpoints trained on)")
     split: str = opt("", "split to evaluate (default: each task's test split, or validation "
@@ -468,6 +469,12 @@ def main(argv=None):
                                          if any(c in v for v in table.values())]
     text = format_table(table, columns)
     print(text)
+    stage = models["dph"][2].get("dph", {}) if "dph" in models else {}
+    if "DPO" in table and (stage.get("freeze_backbone") or stage.get("dpo_weight") == 0):
+        why = "frozen" if stage.get("freeze_backbone") else "trained without cDPO (--dpo-weight 0)"
+        print(f"note: the DPO row is the LM readout of {cfg.dph}, whose backbone was {why}: "
+              f"not a DPO-aligned LM" + (", but its --init's LM unchanged"
+                                         if stage.get("freeze_backbone") else ""))
     print(f"(scores ×100; {time.time() - t0:.0f}s; metrics per task in {cfg.out}/results.json)")
 
     os.makedirs(cfg.out, exist_ok=True)

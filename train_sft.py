@@ -39,7 +39,8 @@ class SFTConfig:
     data_dir: str = opt("", "folder with real datasets (default: $DPH_DATA)")
     data_seed: int = opt(0, "seed of the built-in suite's generator")
     out: str = opt("out/sft", "output checkpoint directory")
-    init: str = opt("", "start from this checkpoint instead of from scratch")
+    init: str = opt("", "start from this checkpoint, a .gguf file or a Hugging Face model "
+                           "directory instead of from scratch")
     overwrite: bool = opt(False, "replace a previous run in --out")
     preset: str = opt("small", "model shape", ["tiny", "small", "base", "paper"])
     tokenizer: str = opt("", "tokenizer.json, or a folder with GPT-2's encoder.json + vocab.bpe; "

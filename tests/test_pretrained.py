@@ -612,6 +612,7 @@ def test_scripts_take_a_pretrained_init(tiny_files, tmp_path):
     assert conf["pretrained"]["format"] == "gguf"
     p = _run("evaluate.py", "--sft", gpath, "--dph", dph, "--out", ev, *base)
     assert "SFT" in p.stdout and "DPH" in p.stdout
+    assert "whose backbone was frozen: not a DPO-aligned LM" in p.stdout  # the DPO row's caveat
     _run("evaluate.py", "--sft", sft, "--dph", "", "--out", ev, *base)
     for path in (sft, dph):
         model, _, tok = common.load_init(path)
