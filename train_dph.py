@@ -49,13 +49,15 @@ PAIR_KINDS = ("choice", "preference", "instruction")  # instructions: those with
 
 @dataclass
 class DPHConfig:
-    init: str = opt("out/sft", "SFT checkpoint to start from")
+    init: str = opt("out/sft", "SFT checkpoint to start from, or a pretrained .gguf file or "
+                                "Hugging Face model directory")
     out: str = opt("out/dph", "output checkpoint directory")
     overwrite: bool = opt(False, "replace a previous run in --out")
     tasks: str = opt("", "tasks and mixtures (default: the SFT checkpoint's tasks)")
     data_dir: str = opt("", "folder with real datasets (default: $DPH_DATA)")
     data_seed: int = opt(0, "seed of the built-in suite's generator")
-    loss: str = opt("separable", "DPH objective", ["separable", "contrastive"])
+    loss: str = opt("contrastive", "DPH objective (the authors' code defaults to separable, which "
+                                   "fits less well here: README)", ["separable", "contrastive"])
     label_smoothing: float = opt(0.1, "ε of the DPH loss, 0 <= ε < 0.5")
     contrast: str = opt("softmax", "--loss contrastive on an item with several wrong answers: one "
                                    "softmax over its candidates (beyond the paper), or each "
