@@ -28,7 +28,8 @@ from typing import Optional
 
 import torch
 
-from chat_tokenizer import ChatTokenizer
+from losses import answer_logps
+from tokenizer.chat import ChatTokenizer
 from tasks import ChoiceExample, InstructionExample, PreferenceExample, TextExample
 
 IGNORE = -100
@@ -536,20 +537,13 @@ def score_choices(model, batch: ChoiceBatch, rewards: bool = True, logps: bool =
     res = {}
     if rewards:
         res["rewards"] = model.reward(out.hidden, batch.pool)
-    if logps:
-        # log p(t | row) = logit_t - logsumexp(row), normalised once per logits row (N, V): the
-        # shared-prefix layout reads the prompt's last row for every branch, and gathering the
-        # (M, V) rows per site first would copy them (what losses.token_logps would need)
-        logits = out.logits.float()  # (N, V)
-        lse = torch.logsumexp(logits, dim=-1)  # (N,)
-        lp = logits[batch.site_logit, batch.site_tgt] - lse[batch.site_logit]  # (M,)
-        S = batch.n_seqs
-        res["logp"] = torch.zeros(S, device=lp.device, dtype=lp.dtype).index_add(0, batch.site_seq, lp)
+    if logps:  # log π(y|x) per answer (losses.answer_logps), with and without <|im_end|>
+        args = (out.logits, batch.site_logit, batch.site_tgt, batch.site_seq, batch.n_seqs)
         content = ~batch.site_end
-        res["logp_content"] = torch.zeros(S, device=lp.device, dtype=lp.dtype).index_add(
-            0, batch.site_seq[content], lp[content])
-        res["n_content"] = torch.zeros(S, device=lp.device).index_add(
-            0, batch.site_seq[content], torch.ones_like(lp[content]))
+        res["logp"] = answer_logps(*args)
+        res["logp_content"] = answer_logps(*args, keep=content)
+        res["n_content"] = torch.zeros(batch.n_seqs, device=content.device).index_add(
+            0, batch.site_seq[content], content[content].float())
     return res
 
 
@@ -560,7 +554,7 @@ def score_choices(model, batch: ChoiceBatch, rewards: bool = True, logps: bool =
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["download"]:
-        import download
+        from tasks import download
         return download.main(argv[1:])
     if argv[:1] == ["show"]:
         import argparse

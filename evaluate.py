@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -28,14 +27,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import common
-import metrics as M
-from common import UsageError, opt
-from chat_tokenizer import ChatTokenizer
-from data import ChoiceItem, answer_branch, collate_choices, eval_items, \
-    render_prompt, score_choices
-from model import generate
-from tasks import SYSTEM_PROMPTS, MissingSplit, TaskError, resolve_tasks
+from tasks import metrics as M
+import plumbing
+from data import collate_choices, eval_items, render_prompt, score_choices
+from inference import best_of_n
+from plumbing import UsageError, opt
+from tasks import SYSTEM_PROMPTS, MissingSplit, resolve_tasks
 
 ROWS = (("SFT", "sft", "lm_mean"), ("DPO", "dph", "lm_mean"), ("DPH", "dph", "reward"))
 
@@ -71,7 +68,7 @@ class EvalConfig:
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (autocast)")
 
 
-# The interval of every int and float flag (common.check_ranges; "max" = 2**63 - 1).
+# The interval of every int and float flag (plumbing.check_ranges; "max" = 2**63 - 1).
 RANGES = {
     "data_seed": "[0, max]", "seed": "[0, max]", "batch_size": "[1, 1048576]",
     "max_examples": "[0, max]", "show": "[0, max]",
@@ -84,11 +81,11 @@ MIN_TEMPERATURE = 1e-4  # below it logits / T overflows float32: use 0, greedy d
 
 def validate(cfg: EvalConfig, argv=None):
     """Every flag checked before any work: ranges, the generation settings, --out."""
-    common.check_ranges(cfg, RANGES)
+    plumbing.check_ranges(cfg, RANGES)
     if 0 < cfg.temperature < MIN_TEMPERATURE:
         raise UsageError(f"--temperature {cfg.temperature}: use 0 for greedy decoding, or at "
                          f"least {MIN_TEMPERATURE}")
-    given = common.explicit_flags(argv)
+    given = plumbing.explicit_flags(argv)
     for name in ("generate", "generate_from"):
         if name in given and not getattr(cfg, name, "").strip():
             raise UsageError(f"--{name.replace('_', '-')}: empty "
@@ -97,7 +94,7 @@ def validate(cfg: EvalConfig, argv=None):
         raise UsageError("--generate and --generate-from: pick one")
     if (cfg.generate or getattr(cfg, "generate_from", "")) and not (cfg.dph or cfg.sft):
         raise UsageError("--generate needs a checkpoint with a preference head: pass --dph")
-    common.check_writable_dir(cfg.out, "--out")
+    plumbing.check_writable_dir(cfg.out, "--out")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,7 +118,7 @@ def score_task(model, tok, examples, cfg, device, dtype, has_head):
         else:
             lengths = [len(it.prompt) + max(map(len, it.branches)) for it in items]
             rows = max(len(it.branches) for it in items)
-        common.check_fits(common.batch_bytes(model.cfg, rows * min(cfg.batch_size, len(items)),
+        plumbing.check_fits(plumbing.batch_bytes(model.cfg, rows * min(cfg.batch_size, len(items)),
                                              sorted(lengths)[len(lengths) // 2], backward=False),
                           device, f"--batch-size {cfg.batch_size} examples of "
                           f"{examples[0].task}", "lower --batch-size")
@@ -129,7 +126,7 @@ def score_task(model, tok, examples, cfg, device, dtype, has_head):
     for i in range(0, len(items), cfg.batch_size):
         chunk = items[i:i + cfg.batch_size]
         b = collate_choices(chunk, cfg.layout, tok.pad, end_id=tok.im_end).to(device)
-        with common.autocast(device, dtype):
+        with plumbing.autocast(device, dtype):
             res = score_choices(model, b, rewards=has_head, logps=True)
         res = {k: v.float().cpu() for k, v in res.items()}
         chars = torch.tensor(b.chars, dtype=torch.float32)
@@ -227,201 +224,22 @@ def format_table(table: dict, columns: list) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-def generation_prompt(tok, system: str, user: str, ctx: int, max_new_tokens: int):
-    """-> (prompt ids, new tokens allowed). A prompt too long for the context leaves room for
-    min(--max-new-tokens, context / 2) answer tokens (and the <|im_end|> the head reads) by
-    losing the start of the user's message: <bos>, the system message and the user header are
-    kept. Both cuts are announced."""
-    head = render_prompt(tok, [{"role": "system", "content": system}])[:-len(
-        [tok.im_start] + tok.piece("assistant\n"))] + [tok.im_start] + tok.piece("user\n")
-    body = tok.encode(user)
-    tail = [tok.im_end] + tok.piece("\n") + [tok.im_start] + tok.piece("assistant\n")
-    room = min(max_new_tokens, ctx // 2)
-    over = len(head) + len(body) + len(tail) + room + 1 - ctx
-    if over > 0:
-        if over > len(body):
-            raise UsageError(f"--system: the system prompt alone ({len(head) + len(tail)} "
-                             f"tokens) leaves no room to answer in the model's context {ctx}")
-        print(f"note: --generate: the prompt ({len(head) + len(body) + len(tail)} tokens) is too "
-              f"long for the model's context {ctx}; its first {over} tokens after the user "
-              f"header are dropped (the system prompt is kept)", file=sys.stderr)
-        body = body[over:]
-    prompt = head + body + tail
-    max_new = min(max_new_tokens, ctx - len(prompt) - 1)
-    if max_new < max_new_tokens:
-        print(f"note: --max-new-tokens {max_new_tokens}: answers stop at {max_new} tokens, the "
-              f"room left in the model's context {ctx}", file=sys.stderr)
-    return prompt, max_new
-
-
-def unseen_words(text: str, conf: dict, cfg, per_task: int = 5000) -> list:
-    """Words of `text` that occur nowhere in the checkpoint's training text (its SFT tasks, at
-    most `per_task` examples each): a model trained from scratch knows nothing of them."""
-    from chat_tokenizer import training_text
-    sft = conf.get("sft", {})
-    if not sft.get("tasks"):  # a pretrained model: its training text is not ours to check
-        return []
-    seen = set()
-    try:
-        for spec in resolve_tasks(",".join(sft["tasks"])):
-            exs = spec.load("train", seed=sft.get("data_seed", cfg.data_seed),
-                            data_dir=cfg.data_dir or None)[:per_task]
-            for t in training_text(exs):
-                seen.update(re.findall(r"[a-z]+", t.lower()))
-    except (TaskError, OSError):  # the training data is not here (another machine, a moved
-        # folder): no note rather than a wrong one
-        return []
-    return [w for w in dict.fromkeys(re.findall(r"[a-z]+", text.lower())) if w not in seen]
-
-
-def run_generate(cfg, device, dtype):
-    path = cfg.dph or cfg.sft
-    model, conf, tok = common.load_init(path, device)
-    if model.head is None:
-        raise UsageError(f"{path} has no preference head to rank with; pass --dph")
-    model.eval()
-    prompt, max_new = generation_prompt(tok, cfg.system, cfg.generate, model.cfg.max_seq_len,
-                                        cfg.max_new_tokens)
-    unseen = unseen_words(cfg.generate, conf, cfg)
-    if unseen:
-        n = len(re.findall(r"[a-z]+", cfg.generate.lower()))
-        print(f"note: {len(unseen)} of the prompt's {n} words never occur in the training text "
-              f"({', '.join(unseen[:8])}): the model has not seen them, expect noise")
-    # the KV cache of n answers, then the scoring pass: the prompt once, n answers as branches
-    m = model.cfg
-    cache = 2 * 4 * cfg.n * m.n_layers * m.kv_heads * m.head_dim * (len(prompt) + max_new)
-    common.check_fits(cache + common.batch_bytes(m, 1, len(prompt) + cfg.n * (max_new + 1),
-                                                 backward=False), device,
-                      f"-n {cfg.n} answers of up to {max_new} tokens", "lower -n or "
-                      "--max-new-tokens")
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    samples = generate(model, prompt, cfg.n, max_new, cfg.temperature, cfg.top_k, cfg.top_p,
-                       stop_id=tok.im_end, generator=g)
-    # every answer gets <|im_end|> appended: the head reads its hidden state there
-    item = ChoiceItem(prompt, [s + [tok.im_end] for s in samples], 0, 0, [1] * len(samples))
-    b = collate_choices([item], "shared", tok.pad, end_id=tok.im_end).to(device)
-    with torch.no_grad(), common.autocast(device, dtype):
-        r = score_choices(model, b, rewards=True, logps=False)["rewards"].float().cpu()
-    order = r.argsort(descending=True).tolist()
-    print(f"prompt: {cfg.generate!r}; {cfg.n} samples ranked by the preference head:")
-    for rank, i in enumerate(order, 1):
-        print(f"{rank:>3}. reward {r[i]:+.3f}  {tok.decode(samples[i])!r}")
-    return 0
-
-
-def sample_and_score(model, tok, prompt, cfg, device, dtype, g):
-    """Inference-time alignment on one prompt: the greedy answer and -n sampled answers, each
-    sample with its reward (the head at the <|im_end|> appended to it) and its LM score (mean
-    log-prob per token of the answer and its <|im_end|>: the LM's own view of the whole answer,
-    defined for an empty one too). The n samples are decoded together with the KV cache."""
-    max_new = min(cfg.max_new_tokens, model.cfg.max_seq_len - len(prompt) - 1)
-    if max_new < 1:
-        raise UsageError(f"the prompt ({len(prompt)} tokens) leaves no room to answer in the "
-                         f"model's context of {model.cfg.max_seq_len}")
-    greedy = generate(model, prompt, 1, max_new, 0.0, stop_id=tok.im_end)[0]
-    samples = generate(model, prompt, cfg.n, max_new, cfg.temperature, cfg.top_k, cfg.top_p,
-                       stop_id=tok.im_end, generator=g)
-    item = ChoiceItem(prompt, [s + [tok.im_end] for s in samples], 0, 0, [1] * len(samples))
-    b = collate_choices([item], "shared", tok.pad, end_id=tok.im_end).to(device)
-    with torch.no_grad(), common.autocast(device, dtype):
-        res = score_choices(model, b, rewards=True, logps=True)
-    lm = (res["logp"] / (res["n_content"] + 1)).float().cpu().tolist()
-    return greedy, samples, res["rewards"].float().cpu().tolist(), lm
-
-
-PICKERS = ("greedy", "first", "best_by_head", "best_by_lm", "any")
-
-
-def best_of_n_summary(records: list) -> dict:
-    """Exact match of each way to pick one answer per prompt: the greedy answer, the first
-    sample, the sample with the highest reward (the paper's inference-time alignment), the one
-    with the highest LM score; and `any` (some sample is right: the ceiling of any picker)."""
-    hits = {p: [] for p in PICKERS}
-    for r in records:
-        ok = r["correct"]
-        hits["greedy"].append(r["greedy_correct"])
-        hits["first"].append(ok[0])
-        hits["best_by_head"].append(ok[int(np.argmax(r["rewards"]))])
-        hits["best_by_lm"].append(ok[int(np.argmax(r["lm"]))])
-        hits["any"].append(any(ok))
-    return {"prompts": len(records),
-            "exact_match": {p: float(np.mean(v)) if v else float("nan") for p, v in hits.items()}}
-
-
-def run_generate_from(cfg, device, dtype):
-    """Best-of-N with the head on a task's test prompts, each answer checked against the gold."""
-    path = cfg.dph
-    model, _, tok = common.load_init(path, device)
-    if model.head is None:
-        raise UsageError(f"{path} has no preference head to rank with; pass --dph")
-    model.eval()
-    (spec,) = resolve_tasks(cfg.generate_from)
-    if spec.kind != "instruction":
-        raise UsageError(f"--generate-from {spec.name}: needs an instruction task with one exact "
-                         f"answer per prompt (e.g. synth/instruct), not a {spec.kind} task")
-    split = cfg.split or spec.eval_split
-    examples = spec.load(split, seed=cfg.data_seed, data_dir=cfg.data_dir or None)
-    examples = examples[:cfg.max_examples or 50]
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    records = []
-    for i, ex in enumerate(tqdm(examples, desc="best-of-n", dynamic_ncols=True)):
-        prompt = render_prompt(tok, ex.messages)
-        greedy, samples, rewards, lm = sample_and_score(model, tok, prompt, cfg, device, dtype, g)
-        texts = [tok.decode(s).strip() for s in samples]
-        rec = {"index": i, "prompt": ex.messages[-1]["content"], "answer": ex.answer,
-               "greedy": tok.decode(greedy).strip(), "samples": texts, "rewards": rewards,
-               "lm": lm, "correct": [t == ex.answer.strip() for t in texts]}
-        rec["greedy_correct"] = rec["greedy"] == ex.answer.strip()
-        records.append(rec)
-        if i < cfg.show:
-            head, lmi = int(np.argmax(rewards)), int(np.argmax(lm))
-            tqdm.write(f"\n{rec['prompt']}  (answer: {ex.answer!r})")
-            for j in np.argsort(rewards)[::-1]:
-                marks = " ".join(m for m, on in (("<- head", j == head), ("<- LM", j == lmi),
-                                                 ("(first)", j == 0)) if on)
-                tqdm.write(f"  {'✓' if rec['correct'][j] else '✗'} reward {rewards[j]:+6.2f}  "
-                           f"lm {lm[j]:6.2f}  {texts[j]!r} {marks}")
-            tqdm.write(f"  greedy: {'✓' if rec['greedy_correct'] else '✗'} {rec['greedy']!r}")
-    summary = best_of_n_summary(records)
-    em = summary["exact_match"]
-    print(f"\n{spec.name} {split}, {len(records)} prompts, N = {cfg.n} samples "
-          f"(temperature {cfg.temperature}, top-p {cfg.top_p}); exact match ×100: "
-          f"greedy {100 * em['greedy']:.1f}, first sample {100 * em['first']:.1f}, "
-          f"best by head {100 * em['best_by_head']:.1f}, best by LM {100 * em['best_by_lm']:.1f} "
-          f"(some sample right: {100 * em['any']:.1f})")
-    os.makedirs(cfg.out, exist_ok=True)
-    write_atomic(os.path.join(cfg.out, "generate.json"), json.dumps(
-        {"config": dataclasses.asdict(cfg), "task": spec.name, "split": split, **summary,
-         "records": records}, indent=1) + "\n")
-    return 0
-
-
 def main(argv=None):
-    cfg, _ = common.parse_config(EvalConfig, __doc__.splitlines()[0], argv)
+    cfg, _ = plumbing.parse_config(EvalConfig, __doc__.splitlines()[0], argv)
     validate(cfg, argv)
-    common.seed_everything(cfg.seed)
-    device = common.resolve_device(cfg.device)
-    dtype = common.resolve_dtype(cfg.dtype, device)
+    plumbing.seed_everything(cfg.seed)
+    device = plumbing.resolve_device(cfg.device)
+    dtype = plumbing.resolve_dtype(cfg.dtype, device)
     if cfg.generate:
-        return run_generate(cfg, device, dtype)
+        return best_of_n.run_generate(cfg, device, dtype)
     if cfg.generate_from:
-        return run_generate_from(cfg, device, dtype)
+        return best_of_n.run_generate_from(cfg, device, dtype)
 
     models = {}
     for key, path in (("sft", cfg.sft), ("dph", cfg.dph)):
         if path:
             # a checkpoint, or a pretrained .gguf / Hugging Face directory (its zero-shot LM)
-            m, conf, tok = common.load_init(path, device)
+            m, conf, tok = plumbing.load_init(path, device)
             check_kind(key, path, m)
             models[key] = (m.eval(), tok, conf)
     if not models:
@@ -482,11 +300,11 @@ def main(argv=None):
                "checkpoints": {k: getattr(cfg, k) for k in models},
                "rows": {r: f"{readout} of {key}" for r, key, readout in ROWS},
                "table": table, "tasks": results, "seconds": round(time.time() - t0, 1)}
-    write_atomic(os.path.join(cfg.out, "predictions.jsonl"),
+    plumbing.write_text(os.path.join(cfg.out, "predictions.jsonl"),
                  "".join(json.dumps(p) + "\n" for p in predictions))
-    write_atomic(os.path.join(cfg.out, "results.json"), json.dumps(summary, indent=1) + "\n")
+    plumbing.write_text(os.path.join(cfg.out, "results.json"), json.dumps(summary, indent=1) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    plumbing.run_main(main)

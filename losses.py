@@ -11,8 +11,9 @@ Paper <-> code
     the DPH loss of a batch of items [chosen, wrong...] (``--contrast``)    items_dph_loss
     reward penalty (NOT in the paper; added later by the authors)          reward_penalty
     the paper's link to Conservative DPO (cDPO), on the LM head            dpo_loss
-    log π(y|x) from logits, for dpo_loss                                   token_logps, sequence_logps
+    log π(y|x) of each answer, for dpo_loss                                answer_logps
     supervised fine-tuning (token cross-entropy)                           sft_loss
+    the paper's prior regularisation (decay toward the starting weights)   prior_regularization
 
 Notation: r_w / r_l are the head's rewards for the chosen ("winning") and rejected ("losing")
 completion, ε is the label smoothing (0 ≤ ε < 0.5), σ the logistic function. Every sigmoid loss
@@ -236,43 +237,28 @@ def reward_penalty(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weight: flo
 # ----------------------------------------------------------------------------------------------
 # LM-head objectives: log-likelihoods, cDPO, SFT
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor,
-                ignore_index: int = -100) -> torch.Tensor:
-    """Per-token log-probabilities log p(labels | logits), 0.0 where labels == ignore_index.
+def answer_logps(logits: torch.Tensor, site_row: torch.Tensor, site_tgt: torch.Tensor,
+                 site_seq: torch.Tensor, n_answers: int, keep: torch.Tensor = None) -> torch.Tensor:
+    """log π(y|x) of every answer: the sum over its tokens (and its <|im_end|>) of
+    log p(y_t | x, y_<t), the quantity cDPO compares against the reference model's.
+
+    The answers' tokens are "sites": site m predicts token site_tgt[m] from row site_row[m] of
+    `logits` and belongs to answer site_seq[m] (data.collate_choices builds them). Each logits row
+    is normalised once: in the shared-prefix layout the prompt's last row predicts the first
+    token of every answer.
 
     Args:
-        logits: (..., V), any float dtype (computed in at least fp32).
-        labels: (...,) long, already aligned with ``logits`` (no shifting here).
+        logits: (N, V) any float dtype (computed in fp32); site_row, site_tgt, site_seq: (M,);
+        keep: (M,) bool, sum only these sites (e.g. content tokens, without <|im_end|>).
     Returns:
-        (...,) log-probabilities in fp32 (fp64 if the logits are fp64).
+        (n_answers,) fp32 summed log-probabilities.
     """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits (..., V) and labels (...) disagree: "
-                         f"{tuple(logits.shape)} vs {tuple(labels.shape)}")
-    mask = labels != ignore_index
-    safe_labels = torch.where(mask, labels, torch.zeros_like(labels))  # ignore_index never gathered
-    logp = _upcast(logits).log_softmax(dim=-1)  # (..., V)
-    picked = logp.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)  # (...,)
-    return torch.where(mask, picked, torch.zeros_like(picked))
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                   average: bool = False) -> torch.Tensor:
-    """log π(y|x) per sequence: the sum over non-ignored targets of ``token_logps``.
-
-    Args:
-        logits: (B, T, V); labels: (B, T), already aligned (labels[:, t] is predicted by
-            logits[:, t]).
-        average: if True, divide by the number of non-ignored targets (per-token mean; a row
-            with no targets gives 0).
-    Returns:
-        (B,) summed (or averaged) log-probabilities.
-    """
-    lp = token_logps(logits, labels, ignore_index).sum(dim=-1)  # (B,)
-    if average:
-        n = (labels != ignore_index).sum(dim=-1).clamp(min=1)  # (B,)
-        lp = lp / n
-    return lp
+    logits = _upcast(logits)
+    lp = logits[site_row, site_tgt] - torch.logsumexp(logits, dim=-1)[site_row]  # (M,)
+    seq = site_seq
+    if keep is not None:
+        lp, seq = lp[keep], site_seq[keep]
+    return torch.zeros(n_answers, device=lp.device, dtype=lp.dtype).index_add(0, seq, lp)
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
@@ -326,3 +312,37 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor,
     total = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum")
     loss = total / n_tokens.clamp(min=1)
     return loss, {"loss/sft": loss.detach(), "tokens": n_tokens.detach()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Prior regularisation
+
+
+def decayed_parameters(model) -> list:
+    """[(name, parameter)] that prior regularisation acts on: the trainable matrices, not the
+    embeddings, norms or biases."""
+    return [(n, p) for n, p in model.named_parameters()
+            if p.requires_grad and p.dim() >= 2 and "embed" not in n]
+
+
+@torch.no_grad()
+def prior_regularization(params: list, anchors, lr: float, lam: float):
+    """The paper's prior regularisation (the authors' code), applied after each optimiser step:
+
+        θ ← θ − lr·λ·(θ − θ₀)
+
+    a decoupled weight decay toward the weights θ₀ the stage started from, which keeps the
+    fine-tuned model near its prior. anchors: one θ₀ per parameter, or None for θ₀ = 0 (plain
+    decoupled weight decay: a model trained from scratch, or a new head).
+
+    Args:
+        params: [(name, parameter)] (decayed_parameters); anchors: [tensor] or None;
+        lr: the current learning rate of these parameters; lam: λ.
+    """
+    if lam == 0:
+        return
+    for i, (_, p) in enumerate(params):
+        if anchors is None:
+            p.mul_(1 - lr * lam)
+        else:
+            p.sub_(p - anchors[i], alpha=lr * lam)

@@ -49,7 +49,7 @@ def _build(cfg, parts, tok, added: int, src, ignore=()):
     get embedding rows: the mean of the others, so their logits start ordinary."""
     import dataclasses
 
-    from common import check_vocab
+    from plumbing import check_vocab
     from model import DPHModel, padded_vocab
     from .convert import state_dict
     src.check_all_used(ignore)
@@ -141,7 +141,7 @@ def load_hf(path: str):
 def load_pretrained(path: str):
     """-> (DPHModel, info, ChatTokenizer). info goes into the config of checkpoints trained
     from it ("pretrained")."""
-    from checkpoint import CheckpointError
+    from plumbing.checkpoint import CheckpointError
     try:
         if is_gguf(path):
             return load_gguf(path)

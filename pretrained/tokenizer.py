@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from chat_tokenizer import ChatTokenizer
+from tokenizer.chat import ChatTokenizer
 
 # GGUF token types (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
 CONTROL, USER_DEFINED = 3, 4

@@ -1,18 +1,14 @@
 """Shared fixtures: a tiny byte-level BPE trained on hand-written sentences, and tiny random
 DPH models in float32 (CPU). Everything here builds in well under a second."""
-import os
-import sys
 
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the thread
 # hand-off made each forward ~50x slower (0.12 s instead of 2 ms).
 torch.set_num_threads(1)
 
-from chat_tokenizer import ChatTokenizer  # noqa: E402
+from tokenizer.chat import ChatTokenizer  # noqa: E402
 from model import DPHModel, padded_vocab, preset  # noqa: E402
 
 # Hand-written text the tokenizer is trained on: chat-ish sentences plus the words the tests use

@@ -16,7 +16,7 @@ def positive(x):
 def test_bench_quick_writes_every_section(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "DPH_DATA"}  # the built-in suite only
-    r = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1", "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "tools.bench", "--quick", "--threads", "1", "--out", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]  # (it takes ~10-15 s on 2 cores)
     R = json.loads(out.read_text())

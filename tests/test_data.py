@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from chat_tokenizer import ChatTokenizer  # noqa: E402
+from tokenizer.chat import ChatTokenizer  # noqa: E402
 from data import (IGNORE, Doc, SFTStream, answer_branch, apply_label_noise,
                   best_fit, collate_choices, collate_packed, eval_items, make_pairs, render,
                   render_prompt, score_choices, sft_document, sft_messages)

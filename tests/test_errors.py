@@ -18,11 +18,11 @@ import typing
 import pytest
 import torch
 
-import common
+import plumbing
 import evaluate
 import train_dph
 import train_sft
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_train_state
+from plumbing.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_train_state
 from model import DPHModel, padded_vocab, preset
 from test_reliability import Zygote, _listing, cmd, error_line
 
@@ -44,7 +44,7 @@ def validate_argv(script, argv, tmp_path):
     """parse + validate of a script, as its main() does first; --out in tmp_path."""
     cls, validate, _ = SCRIPTS[script]
     argv = [*argv, "--out", str(tmp_path / "out")]
-    cfg, _ = common.parse_config(cls, "", argv)
+    cfg, _ = plumbing.parse_config(cls, "", argv)
     validate(cfg, argv)
     return cfg
 
@@ -75,13 +75,13 @@ def test_defaults_pass_and_extremes_are_refused(script, tmp_path):
             try:
                 validate_argv(script, [f"{flag(name)}={v}"], tmp_path)
                 accepted = True
-            except common.UsageError as e:
+            except plumbing.UsageError as e:
                 assert flag(name) in str(e), (name, v, e)
                 accepted = False
             if hints[name] is float and not math.isfinite(float(v)):
                 assert not accepted, f"{flag(name)} {v} accepted"
             spec = ranges[name]
-            lo, hi = (common._bound(t.strip(), hints[name]) for t in spec[1:-1].split(","))
+            lo, hi = (plumbing._bound(t.strip(), hints[name]) for t in spec[1:-1].split(","))
             x = float(v)
             inside = math.isfinite(x) and (x > lo if spec[0] == "(" else x >= lo) and \
                 (x < hi if spec[-1] == ")" else x <= hi)
@@ -113,7 +113,7 @@ def test_defaults_pass_and_extremes_are_refused(script, tmp_path):
     ("evaluate.py", ["--temperature", "nan"], "--temperature must be a finite number"),
 ])
 def test_bad_flag_values_are_usage_errors(script, args, expected, tmp_path):
-    with pytest.raises(common.UsageError) as e:
+    with pytest.raises(plumbing.UsageError) as e:
         validate_argv(script, args, tmp_path)
     assert expected in str(e.value)
     assert not (tmp_path / "out").exists()
@@ -134,8 +134,8 @@ def test_unusable_devices_are_usage_errors(name):
     if name == "mps" and getattr(torch.backends, "mps", None) is not None \
             and torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
-    with pytest.raises(common.UsageError, match=f"--device {name}"):
-        common.resolve_device(name)
+    with pytest.raises(plumbing.UsageError, match=f"--device {name}"):
+        plumbing.resolve_device(name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,9 +145,9 @@ def test_unusable_devices_are_usage_errors(name):
 def test_what_cannot_fit_in_memory_is_refused():
     mcfg = preset("tiny")
     cpu = torch.device("cpu")
-    common.check_fits(common.batch_bytes(mcfg, 2, 128), cpu, "small", "")  # fits anywhere
-    with pytest.raises(common.UsageError, match="needs at least .* GiB, more than"):
-        common.check_fits(common.batch_bytes(mcfg, 2, 1_000_000), cpu, "--seq-len 1000000", "")
+    plumbing.check_fits(plumbing.batch_bytes(mcfg, 2, 128), cpu, "small", "")  # fits anywhere
+    with pytest.raises(plumbing.UsageError, match="needs at least .* GiB, more than"):
+        plumbing.check_fits(plumbing.batch_bytes(mcfg, 2, 1_000_000), cpu, "--seq-len 1000000", "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_a_tie_at_the_top_counts_as_wrong():
      "chosen and rejected are the same answer"),
 ])
 def test_duplicate_answers_in_user_data_are_refused(tmp_path, record, expected):
-    from loaders import jsonl_task
+    from tasks.loaders import jsonl_task
     from tasks import TaskError
     f = tmp_path / "dup.jsonl"
     f.write_text(json.dumps(record) + "\n")
@@ -213,15 +213,16 @@ def test_duplicate_answers_in_user_data_are_refused(tmp_path, record, expected):
 
 
 def test_generation_prompt_keeps_the_system_prompt_and_user_header(tok):
+    from inference.best_of_n import generation_prompt
     system, user = "You are a helpful assistant.", "word " * 500
-    prompt, max_new = evaluate.generation_prompt(tok, system, user, 256, 64)
+    prompt, max_new = generation_prompt(tok, system, user, 256, 64)
     assert len(prompt) + max_new + 1 <= 256 and max_new == 64
     head = evaluate.render_prompt(tok, [{"role": "system", "content": system}])[:-1 - len(
         tok.piece("assistant\n"))] + [tok.im_start] + tok.piece("user\n")
     assert prompt[:len(head)] == head
     assert prompt[-1 - len(tok.piece("assistant\n")):] == [tok.im_start] + tok.piece(
         "assistant\n")
-    short, _ = evaluate.generation_prompt(tok, system, "Hello there", 256, 64)
+    short, _ = generation_prompt(tok, system, "Hello there", 256, 64)
     assert short == evaluate.render_prompt(tok, [{"role": "system", "content": system},
                                                  {"role": "user", "content": "Hello there"}])
 
@@ -239,7 +240,7 @@ def test_non_finite_readouts_are_refused(make_model, tok):
     (spec,) = resolve_tasks("synth/sentiment")
     exs = spec.load("validation", seed=0)[:2]
     cfg = evaluate.EvalConfig(batch_size=2)
-    with pytest.raises(common.UsageError, match="non-finite reward readouts"):
+    with pytest.raises(plumbing.UsageError, match="non-finite reward readouts"):
         evaluate.score_task(model, tok, exs, cfg, torch.device("cpu"), torch.float32, True)
 
 

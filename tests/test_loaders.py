@@ -1,4 +1,4 @@
-"""loaders.py: the real data copies (with DPH_DATA set), user JSONL / text, bad input, download.
+"""tasks/loaders.py: the real data copies (with DPH_DATA set), user JSONL / text, bad input, download.
 
     DPH_DATA=/work/shared/data python -m pytest -q tests/test_loaders.py
 
@@ -12,6 +12,7 @@ import http.server
 import io
 import json
 import os
+import subprocess
 import sys
 import tarfile
 import threading
@@ -20,11 +21,8 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import download  # noqa: E402
-import loaders  # noqa: E402
 import tasks  # noqa: E402
+from tasks import download, loaders  # noqa: E402
 from tasks import ChoiceExample, InstructionExample, PreferenceExample, TaskError, TextExample  # noqa: E402
 
 DATA = os.environ.get("DPH_DATA")
@@ -208,6 +206,23 @@ def test_registry_and_mixtures():
     R = tasks.REGISTRY
     assert R["glue/mrpc"].eval_split == "test" and R["boolq"].eval_split == "validation"
     assert R["hh_rlhf"].kind == "preference" and R["alpaca"].kind == "instruction"
+
+
+def test_registry_is_built_from_the_spec_lists():
+    """The registry is the suite's and the readers' plain spec lists; importing a reader module
+    (in a fresh interpreter) loads no registry and registers nothing."""
+    from tasks import registry, suite
+    assert list(tasks.REGISTRY)[:len(suite.SPECS) + len(loaders.SPECS)] == \
+        [s.name for s in suite.SPECS + loaders.SPECS]
+    assert all(tasks.REGISTRY[s.name] is s for s in suite.SPECS + loaders.SPECS)
+    assert tasks.MIXTURES == {**suite.MIXTURES, **loaders.MIXTURES} and registry.MIXTURES is tasks.MIXTURES
+    assert set(tasks.DYNAMIC) == {"jsonl", "text"}
+    code = ("import sys, tasks.types, tasks.suite, tasks.loaders, tasks.download, tasks.metrics; "
+            "print(sorted(m for m in sys.modules if m.startswith('tasks')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == ("['tasks', 'tasks.download', 'tasks.loaders', 'tasks.metrics', "
+                           "'tasks.suite', 'tasks.types']")
 
 
 def test_no_data_dir(monkeypatch):

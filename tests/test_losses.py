@@ -1,18 +1,13 @@
 """Tests for losses.py: reductions to the plain losses, closed-form optima, gradient signs,
 numerical range, label-smoothing validation, metrics, log-likelihoods and SFT."""
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from losses import (contrastive_dph_loss, dph_loss, dpo_loss, items_dph_loss,  # noqa: E402
-                    listwise_dph_loss, reward_penalty, separable_dph_loss, sequence_logps,
-                    sft_loss, token_logps)
+from losses import (answer_logps, contrastive_dph_loss, dph_loss, dpo_loss, items_dph_loss,
+                    listwise_dph_loss, reward_penalty, separable_dph_loss, sft_loss)
 
 DPH_LOSSES = [separable_dph_loss, contrastive_dph_loss]
 METRIC_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"}
@@ -314,39 +309,49 @@ def _logits_and_labels(seed=0, B=2, T=5, V=7):
     return logits, labels
 
 
-def test_token_logps_matches_hand_gather():
+def _sites(labels):
+    """The (row, target, answer) sites of answers laid out as the rows of `labels`: row b is
+    answer b, and each non-ignored position is one of its tokens."""
+    B, T = labels.shape
+    keep = labels != -100
+    rows = torch.arange(B * T).view(B, T)[keep]
+    return rows, labels[keep], torch.arange(B).unsqueeze(1).expand(B, T)[keep]
+
+
+def test_answer_logps_matches_hand_gather():
     logits, labels = _logits_and_labels()
-    lp = token_logps(logits, labels)  # must not raise on -100
-    assert lp.shape == labels.shape and lp.dtype == torch.float32
+    V = logits.size(-1)
+    row, tgt, seq = _sites(labels)
+    lp = answer_logps(logits.reshape(-1, V), row, tgt, seq, labels.size(0))
+    assert lp.shape == (2,) and lp.dtype == torch.float32
     logp = torch.log_softmax(logits.detach(), dim=-1)
     for b in range(labels.size(0)):
-        for s in range(labels.size(1)):
-            y = labels[b, s].item()
-            want = 0.0 if y == -100 else logp[b, s, y].item()
-            assert lp[b, s].item() == pytest.approx(want, rel=1e-5, abs=1e-6)
-    assert (lp[labels == -100] == 0).all()
-    assert (lp[labels != -100] < 0).all()
+        want = sum(logp[b, s, labels[b, s]].item() for s in range(labels.size(1))
+                   if labels[b, s] != -100)
+        assert lp[b].item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert (lp < 0).all()
 
 
-def test_token_logps_custom_ignore_index_and_bf16():
+def test_answer_logps_keep_subset_and_bf16():
     logits, labels = _logits_and_labels()
-    labels = labels.masked_fill(labels == -100, 3)  # a real token id as the ignore index
-    lp = token_logps(logits.detach().bfloat16(), labels, ignore_index=3)
+    V = logits.size(-1)
+    row, tgt, seq = _sites(labels)
+    lp = answer_logps(logits.detach().bfloat16().reshape(-1, V), row, tgt, seq, 2)
     assert lp.dtype == torch.float32
-    assert (lp[labels == 3] == 0).all() and (lp[labels != 3] < 0).all()
+    full = answer_logps(logits.detach().reshape(-1, V), row, tgt, seq, 2)
+    assert lp.tolist() == pytest.approx(full.tolist(), rel=2e-2)
+    keep = torch.zeros_like(seq, dtype=torch.bool)
+    keep[0] = True  # only the first site of answer 0
+    part = answer_logps(logits.detach().reshape(-1, V), row, tgt, seq, 2, keep=keep)
+    first = torch.log_softmax(logits.detach().reshape(-1, V)[row[0]], -1)[tgt[0]].item()
+    assert part.tolist() == pytest.approx([first, 0.0], rel=1e-5, abs=1e-6)
 
 
-def test_sequence_logps_sum_and_average():
+def test_answer_logps_gradient_reaches_only_the_sites_rows():
     logits, labels = _logits_and_labels()
-    tok = token_logps(logits, labels)
-    summed = sequence_logps(logits, labels)
-    assert summed.shape == (2,)
-    assert summed.tolist() == pytest.approx(tok.sum(-1).tolist(), rel=1e-5, abs=1e-6)
-    avg = sequence_logps(logits, labels, average=True)
-    # row 0 has 5 − 2 = 3 targets, row 1 has 5 − 1 = 4
-    assert avg.tolist() == pytest.approx([tok[0].sum().item() / 3, tok[1].sum().item() / 4],
-                                         rel=1e-5, abs=1e-6)
-    summed.sum().backward()
+    V = logits.size(-1)
+    row, tgt, seq = _sites(labels)
+    answer_logps(logits.reshape(-1, V), row, tgt, seq, 2).sum().backward()
     assert torch.isfinite(logits.grad).all()
     # ignored positions get no gradient at all
     assert (logits.grad[0, :2] == 0).all() and (logits.grad[1, -1] == 0).all()

@@ -1,12 +1,8 @@
-"""metrics.py against values worked out by hand (the arithmetic is in the comments)."""
+"""tasks/metrics.py against values worked out by hand (the arithmetic is in the comments)."""
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import metrics  # noqa: E402
+from tasks import metrics  # noqa: E402
 
 # One small binary case used by several tests:
 #   idx   0 1 2 3 4

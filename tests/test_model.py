@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from losses import separable_dph_loss
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model import (DPHModel, KVCache, PreferenceHead, attention_mask, generate, padded_vocab,
-                   preset, sample_next)
+from plumbing.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from inference.generate import KVCache, generate, sample_next
+from model import DPHModel, PreferenceHead, attention_mask, padded_vocab, preset
 
 ATOL = 1e-5  # float32: the same maths through different SDPA kernels/shapes agrees to ~1e-6
 
@@ -297,7 +297,7 @@ def test_checkpoint_round_trip_exact(tmp_path, make_model, vocab, tok):
         assert torch.equal(a.logits, b.logits)
         assert torch.equal(m.reward(a.hidden, index), m2.reward(b.hidden, index))
 
-    from chat_tokenizer import ChatTokenizer
+    from tokenizer.chat import ChatTokenizer
     tok2 = ChatTokenizer.from_file(str(ck / "tokenizer.json"))
     s = "Hello there, <|im_end|> how are you?"
     assert tok2.encode(s) == tok.encode(s)

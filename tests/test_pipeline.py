@@ -130,8 +130,7 @@ def test_best_of_n_from_a_task(pipeline):
 
 
 def test_best_of_n_summary_counts_each_picker():
-    sys.path.insert(0, ROOT)
-    from evaluate import best_of_n_summary
+    from inference.best_of_n import best_of_n_summary
     recs = [  # the head picks the right sample, the LM a wrong one, the first sample is wrong
         {"correct": [False, True, False], "rewards": [0.1, 2.0, -1.0], "lm": [-0.5, -2.0, -0.1],
          "greedy_correct": True},
@@ -161,11 +160,10 @@ def test_help_lists_every_option():
 def test_validation_metrics_cover_trained_tasks_only(capsys):
     """A task with a validation split but no train split is evaluated zero-shot by evaluate.py,
     not mixed into the training scripts' validation loss / reward accuracy."""
-    sys.path.insert(0, ROOT)
-    import common
+    import plumbing
     train = {"a": [1, 2], "b": [3]}
     val = {"a": [4], "b": [5], "zero_shot": [6]}
-    assert common.trained_only(val, train) == {"a": [4], "b": [5]}
+    assert plumbing.trained_only(val, train) == {"a": [4], "b": [5]}
     assert "zero_shot: not trained here" in capsys.readouterr().err
-    assert common.trained_only({"a": [4]}, train) == {"a": [4]}
+    assert plumbing.trained_only({"a": [4]}, train) == {"a": [4]}
     assert capsys.readouterr().err == ""

@@ -20,11 +20,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
+import plumbing
 import pretrained
-from chat_tokenizer import ChatTokenizer
+from tokenizer.chat import ChatTokenizer
 from data import render_prompt
-from model import DPHModel, KVCache, ModelConfig, generate
+from inference.generate import KVCache, generate
+from model import DPHModel, ModelConfig
 from pretrained import gguf as G
 from pretrained.convert import permute, unpermute
 
@@ -583,7 +584,7 @@ def test_bos_and_missing_chat_tokens(tmp_path, vocab_tok):
 def test_load_init_dispatches_on_the_path(tiny_files):
     _, _, gpath, hpath = tiny_files
     for p, fmt in ((gpath, "gguf"), (hpath, "hf")):
-        model, conf, tok = common.load_init(p)
+        model, conf, tok = plumbing.load_init(p)
         assert conf["pretrained"]["format"] == fmt and model.head is None
         assert isinstance(tok, ChatTokenizer)
 
@@ -615,7 +616,7 @@ def test_scripts_take_a_pretrained_init(tiny_files, tmp_path):
     assert "whose backbone was frozen: not a DPO-aligned LM" in p.stdout  # the DPO row's caveat
     _run("evaluate.py", "--sft", sft, "--dph", "", "--out", ev, *base)
     for path in (sft, dph):
-        model, _, tok = common.load_init(path)
+        model, _, tok = plumbing.load_init(path)
         assert tok.pad == 0 and tok.bos is None and model.cfg.kv_heads == 2
 
 
@@ -740,7 +741,7 @@ def test_cached_head_loss_equals_the_full_forward(tiny, tok):
     from types import SimpleNamespace
 
     from data import collate_choices, make_pairs
-    from frozen import StateCache, cached_pair_loss, cached_validation
+    from plumbing.frozen import StateCache, cached_pair_loss, cached_validation
     from tasks import ChoiceExample
     from train_dph import pair_loss, validation_rewards
     model = copy.deepcopy(tiny)

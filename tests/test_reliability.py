@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-import common
-from checkpoint import (RESUME, CheckpointError, load_train_state, save_checkpoint,
+import plumbing
+from plumbing.checkpoint import (RESUME, CheckpointError, load_train_state, save_checkpoint,
                         save_train_state)
 from model import DPHModel, padded_vocab, preset
 
@@ -210,7 +210,7 @@ def diverged(zygote, sft_ckpt, tmp_path_factory):
 @pytest.mark.parametrize("script", ["sft", "dph"])
 def test_non_finite_stops_and_keeps_last_good_checkpoint(diverged, script):
     what, out, r = diverged[script]
-    assert r.returncode == common.EXIT_DIVERGED, r.stderr[-2000:]
+    assert r.returncode == plumbing.EXIT_DIVERGED, r.stderr[-2000:]
     line = error_line(r.stderr)
     assert f"non-finite {'training loss' if what == 'loss' else 'weights'}" in line
     assert "step 2" in line and f"{out} keeps the checkpoint of step 1" in line
@@ -368,26 +368,26 @@ def test_resume_state_of_a_real_run_is_plain_data(sft_ckpt):
 
 
 def test_rng_states_round_trip_exactly_through_torch_and_json():
-    common.seed_everything(123)
+    plumbing.seed_everything(123)
     for _ in range(3):  # some draws, including a cached gaussian
         random.random(), random.gauss(0, 1), np.random.randn(), torch.rand(2)
-    state = common.rng_state(torch.device("cpu"))
+    state = plumbing.rng_state(torch.device("cpu"))
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
     plain = json.loads(json.dumps({"python": loaded["python"], "numpy": loaded["numpy"]}))
     expect = (random.random(), random.gauss(0, 1), np.random.randn(), torch.rand(3))
-    common.seed_everything(999)
-    common.set_rng_state({**plain, "torch": loaded["torch"]}, torch.device("cpu"))
+    plumbing.seed_everything(999)
+    plumbing.set_rng_state({**plain, "torch": loaded["torch"]}, torch.device("cpu"))
     got = (random.random(), random.gauss(0, 1), np.random.randn(), torch.rand(3))
     assert got[:3] == expect[:3] and torch.equal(got[3], expect[3])
 
     r = random.Random(5)
     r.random()
-    s = json.loads(json.dumps(common.plain_random_state(r)))
+    s = json.loads(json.dumps(plumbing.plain_random_state(r)))
     r2 = random.Random(0)
-    common.set_plain_random_state(r2, s)
+    plumbing.set_plain_random_state(r2, s)
     assert [r.random() for _ in range(5)] == [r2.random() for _ in range(5)]
 
 
@@ -428,37 +428,37 @@ def _fake_run(tmp_path, **cfg_values):
 def test_resume_inherits_config_and_refuses_conflicting_flags(tmp_path):
     SFTConfig = _fake_run(tmp_path)
     argv = ["--out", str(tmp_path), "--resume", "--eval-every", "7"]
-    cfg, _ = common.parse_config(SFTConfig, "", argv)
-    cfg, state = common.open_resume(cfg, argv)
+    cfg, _ = plumbing.parse_config(SFTConfig, "", argv)
+    cfg, state = plumbing.open_resume(cfg, argv)
     assert state["step"] == 10
     assert (cfg.lr, cfg.max_steps, cfg.eval_every, cfg.resume) == (1e-3, 50, 7, True)
 
     argv = ["--out", str(tmp_path), "--resume", "--lr", "0.002"]
-    cfg, _ = common.parse_config(SFTConfig, "", argv)
-    with pytest.raises(common.UsageError, match="--lr 0.002 differs from the run"):
-        common.open_resume(cfg, argv)
+    cfg, _ = plumbing.parse_config(SFTConfig, "", argv)
+    with pytest.raises(plumbing.UsageError, match="--lr 0.002 differs from the run"):
+        plumbing.open_resume(cfg, argv)
     argv = ["--out", str(tmp_path), "--resume", "--lr", "0.001"]  # the same value is fine
-    common.open_resume(common.parse_config(SFTConfig, "", argv)[0], argv)
+    plumbing.open_resume(plumbing.parse_config(SFTConfig, "", argv)[0], argv)
 
 
 def test_resume_without_state(tmp_path):
     from train_sft import SFTConfig
     empty = tmp_path / "empty"
     argv = ["--out", str(empty), "--resume"]
-    cfg, state = common.open_resume(common.parse_config(SFTConfig, "", argv)[0], argv)
+    cfg, state = plumbing.open_resume(plumbing.parse_config(SFTConfig, "", argv)[0], argv)
     assert state is None and cfg.resume  # nothing to resume: a first launch starts at step 0
     (tmp_path / "config.json").write_text("{}")  # a checkpoint without resume state
     argv = ["--out", str(tmp_path), "--resume"]
-    with pytest.raises(common.UsageError, match="no resume.pt to resume from"):
-        common.open_resume(common.parse_config(SFTConfig, "", argv)[0], argv)
+    with pytest.raises(plumbing.UsageError, match="no resume.pt to resume from"):
+        plumbing.open_resume(plumbing.parse_config(SFTConfig, "", argv)[0], argv)
 
 
 def test_overwrite_removes_the_previous_runs_markers(tmp_path):
     for name in ("config.json", "metrics.jsonl", RESUME, ".tmp-123model.pt"):
         (tmp_path / name).write_text("x")
-    with pytest.raises(common.UsageError, match="holds a previous run"):
-        common.prepare_out(str(tmp_path), overwrite=False)
-    common.prepare_out(str(tmp_path), overwrite=True)
+    with pytest.raises(plumbing.UsageError, match="holds a previous run"):
+        plumbing.prepare_out(str(tmp_path), overwrite=False)
+    plumbing.prepare_out(str(tmp_path), overwrite=True)
     assert os.listdir(tmp_path) == []
 
 

@@ -1,18 +1,14 @@
-"""Tests of the built-in suite (suite.py): sizes, formats, verbalisers, determinism, disjoint
+"""Tests of the built-in suite (tasks/suite.py): sizes, formats, verbalisers, determinism, disjoint
 splits, label balance and prompt lengths. Run: python -m pytest -q tests/test_suite.py -s
 (-s shows the table of prompt lengths)."""
 import re
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import suite  # noqa: E402
 import tasks  # noqa: E402
+from tasks import suite  # noqa: E402
 
 VERBALISERS = {
     "synth/sentiment": ["negative", "positive"],

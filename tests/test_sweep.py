@@ -1,14 +1,10 @@
 """experiments/sweep.py: the seed sweep's table (mean ± s.d. per family over seeds), the margins
 between rows, and the report over finished sweeps, on hand-made results."""
 import json
-import os
 import statistics
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "experiments"))
 import sweep  # noqa: E402
 
 

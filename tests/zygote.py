@@ -25,17 +25,15 @@ sys.path.insert(0, ROOT)
 os.chdir(ROOT)
 
 import torch  # noqa: E402,F401  the expensive imports, once
-import common  # noqa: E402,F401
+import plumbing  # noqa: E402,F401
 import data  # noqa: E402,F401
 import evaluate  # noqa: E402,F401
 import losses  # noqa: E402,F401
 import model  # noqa: E402,F401
-import checkpoint  # noqa: E402,F401
-import tasks  # noqa: E402
+from plumbing import checkpoint  # noqa: E402,F401
+import tasks.registry  # noqa: E402,F401  the task registry: the suite and the readers
 import train_dph  # noqa: E402,F401
 import train_sft  # noqa: E402,F401
-
-tasks._ensure_registered()
 
 
 def child(job):

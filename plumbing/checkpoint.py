@@ -27,7 +27,13 @@ WEIGHTS, CONFIG, TOKENIZER = "model.pt", "config.json", "tokenizer.json"
 RESUME = "resume.pt"  # the training state of a run in progress (train_sft.py / train_dph.py)
 
 
-def _atomic_write(path, write):
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file."""
+
+
+def atomic_write(path, write):
+    """write(tmp) fills a temporary file beside `path`, which then replaces `path` in one rename:
+    a kill leaves the old file or the new one, never a part. Mode 0644 (what open() gives)."""
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
@@ -41,6 +47,18 @@ def _atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def safe_load(f):
+    """torch.load(weights_only=True) on the CPU: a pickle carrying code is refused. A missing,
+    corrupt or unsafe file is a CheckpointError naming it."""
+    if not os.path.isfile(f):
+        raise CheckpointError(f"{f}: not found")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file or a pickle that is not plain tensors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{f}: cannot be loaded safely ({first})") from None
 
 
 def save_checkpoint(path, model: DPHModel, tokenizer_json: Optional[str] = None,
@@ -61,22 +79,18 @@ def save_checkpoint(path, model: DPHModel, tokenizer_json: Optional[str] = None,
               "weights_sha256": state_digest(state)}
     if tokenizer_json is not None:
         config["tokenizer_sha256"] = hashlib.sha256(tokenizer_json.encode()).hexdigest()
-    _atomic_write(os.path.join(path, WEIGHTS), lambda p: torch.save(state, p))
+    atomic_write(os.path.join(path, WEIGHTS), lambda p: torch.save(state, p))
     if tokenizer_json is not None:
         def write_tokenizer(p):
             with open(p, "w") as f:
                 f.write(tokenizer_json)
-        _atomic_write(os.path.join(path, TOKENIZER), write_tokenizer)
+        atomic_write(os.path.join(path, TOKENIZER), write_tokenizer)
 
     def write_config(p):
         with open(p, "w") as f:
             json.dump(config, f, indent=2)
             f.write("\n")
-    _atomic_write(os.path.join(path, CONFIG), write_config)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file."""
+    atomic_write(os.path.join(path, CONFIG), write_config)
 
 
 def state_digest(state: dict) -> str:
@@ -160,13 +174,7 @@ def load_checkpoint(path, device="cpu") -> tuple:
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{cf}: bad model config ({first})") from None
-    if not os.path.isfile(f):
-        raise CheckpointError(f"{f}: not found")
-    try:
-        state = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file or a pickle that is not plain tensors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{f}: cannot be loaded safely ({first})") from None
+    state = safe_load(f)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                               for v in state.values()):
         raise CheckpointError(f"{f}: expected a dict of tensors")
@@ -201,18 +209,12 @@ def save_train_state(path, state: dict):
     """Write `state` (tensors and plain Python types only) to path/resume.pt in one atomic
     replace: a kill leaves the previous resume.pt or the new one, never a mix of steps."""
     os.makedirs(path, exist_ok=True)
-    _atomic_write(os.path.join(path, RESUME), lambda p: torch.save(state, p))
+    atomic_write(os.path.join(path, RESUME), lambda p: torch.save(state, p))
 
 
 def load_train_state(f) -> dict:
     """Read a resume.pt with torch.load(weights_only=True): a pickle carrying code is refused."""
-    if not os.path.isfile(f):
-        raise CheckpointError(f"{f}: not found")
-    try:
-        state = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file or a pickle that is not plain tensors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{f}: cannot be loaded safely ({first})") from None
+    state = safe_load(f)
     need = ("step", "config", "model", "optimizer")
     if not isinstance(state, dict) or any(k not in state for k in need):
         raise CheckpointError(f"{f}: not a training state (expected keys {', '.join(need)})")

@@ -32,9 +32,9 @@ SFT step computes logits only at positions that have a target, we also report
 rate measured in the same round as the step (so both see the same machine load); MFU against
 the best peak of the whole run is reported too.
 
-    python bench.py                          # small + base on this machine (~8 min on 2 cores)
-    python bench.py --quick                  # tiny preset, seconds; the smoke test runs this
-    python bench.py --device cuda --dtype bfloat16 --presets paper --choice-preset paper \
+    python -m tools.bench                          # small + base on this machine (~8 min on 2 cores)
+    python -m tools.bench --quick                  # tiny preset, seconds; the smoke test runs this
+    python -m tools.bench --device cuda --dtype bfloat16 --presets paper --choice-preset paper \
         --seq-len 2048 --sft-batch 8 --dph-batch 32 --eval-batch 32   # what README reports
 """
 from __future__ import annotations
@@ -67,12 +67,15 @@ import time
 
 import torch
 
-import common
-from chat_tokenizer import ChatTokenizer, training_text
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
+import plumbing
+from tokenizer.chat import ChatTokenizer, training_text
 from data import (IGNORE, ChoiceItem, PackedBatch, SFTStream, TaskSampler, collate_choices,
                   padded_sft_batch, score_choices)
 from losses import dph_loss, dpo_loss, sft_loss
-from model import PRESETS, DPHModel, attention_mask, generate, preset
+from inference.generate import generate
+from model import PRESETS, DPHModel, attention_mask, preset
 
 SECTIONS = ("peak", "packing", "sft", "dph", "eval", "generate", "frozen", "memory")
 REAL_TASKS = "glue/sst2,glue/cola,glue/mrpc,glue/rte,glue/stsb,boolq,arc/easy,piqa,winogrande"
@@ -345,7 +348,7 @@ def real_packing(args) -> dict:
     from tasks import TaskError, resolve_tasks
     try:
         specs = resolve_tasks(args.real_tasks)
-        train = common.load_split(specs, "train", root, args.seed, required=False,
+        train = plumbing.load_split(specs, "train", root, args.seed, required=False,
                                   limit=2000 if args.quick else 20000)
     except (TaskError, FileNotFoundError) as e:
         return {"skipped": f"{type(e).__name__}: {e}"}
@@ -431,11 +434,9 @@ def maybe_compile(model, args):
 
 
 def make_optimizer(model, device):
-    """The optimizer train_sft.py uses (common.make_optimizer), whatever it is today."""
-    try:
-        return common.make_optimizer(model.parameters(), 1e-5, device=device)
-    except TypeError:  # signature changed under us: plain AdamW
-        return torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95))
+    """The optimizer the training scripts use (plumbing.make_optimizer)."""
+    return plumbing.make_optimizer([{"params": list(model.parameters()), "peak_lr": 1e-5}],
+                                   device)
 
 
 def sft_workload(name, mode, batches, args, device, dtype):
@@ -454,7 +455,7 @@ def sft_workload(name, mode, batches, args, device, dtype):
             pos, mask = b.pos, attention_mask(b.doc)
         else:  # plain causal: is_causal SDPA, positions 0..T-1
             pos, mask = None, None
-        with common.autocast(device, dtype):
+        with plumbing.autocast(device, dtype):
             out = fwd(b.idx, pos, mask, logits_at=where)
         loss, _ = sft_loss(out.logits.float(), b.targets[where])
         loss.backward()
@@ -485,12 +486,12 @@ def dph_workload(name, layout, use_dpo, items, pad_id, args, device, dtype):
     def fn():
         b = batches[state["i"] % len(batches)]
         state["i"] += 1
-        with common.autocast(device, dtype):
+        with plumbing.autocast(device, dtype):
             res = score_choices(fwd, b, rewards=True, logps=use_dpo)
         r = res["rewards"].float().view(-1, 2)
         loss, _ = dph_loss(r[:, 0], r[:, 1], "separable", 0.1)
         if use_dpo:
-            with torch.no_grad(), common.autocast(device, dtype):
+            with torch.no_grad(), plumbing.autocast(device, dtype):
                 ref_lp = score_choices(ref, b, rewards=False, logps=True)["logp"]
             lp, ref_lp = res["logp"].float().view(-1, 2), ref_lp.float().view(-1, 2)
             dloss, _ = dpo_loss(lp[:, 0], lp[:, 1], ref_lp[:, 0], ref_lp[:, 1], 0.1, 0.1)
@@ -512,7 +513,7 @@ def eval_workload(name, layout, items, pad_id, args, device, dtype):
     def fn():
         b = batches[state["i"] % len(batches)]
         state["i"] += 1
-        with torch.no_grad(), common.autocast(device, dtype):
+        with torch.no_grad(), plumbing.autocast(device, dtype):
             res = score_choices(fwd, b, rewards=True, logps=True)
         res["rewards"].sum().item()  # wait for the result
         return b.n_seqs  # candidates
@@ -525,7 +526,7 @@ def gen_workload(name, use_cache, prompt, args, device, dtype):
 
     def fn():
         g.manual_seed(args.seed)
-        with common.autocast(device, dtype):
+        with plumbing.autocast(device, dtype):
             out = generate(model, prompt, n=args.gen_samples, max_new_tokens=args.gen_tokens,
                            temperature=1.0, use_cache=use_cache, generator=g)
         return sum(len(o) for o in out)  # no stop token: gen_samples * gen_tokens
@@ -634,9 +635,8 @@ def measure_memory(specs, data, args, device, dtype) -> dict:
             torch.save({"args": vars(args), "device": str(device),
                         "dtype": str(dtype).replace("torch.", ""), "specs": group,
                         "data": data}, path)
-            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", path],
-                               capture_output=True, text=True, cwd=os.path.dirname(
-                                   os.path.abspath(__file__)))
+            r = subprocess.run([sys.executable, "-m", "tools.bench", "--memory-child", path],
+                               capture_output=True, text=True, cwd=ROOT)
             line = [ln for ln in r.stdout.splitlines() if ln.startswith("MEMORY ")]
             if r.returncode != 0 or not line:
                 err = (r.stderr.strip().splitlines() or ["no output"])[-1]
@@ -823,7 +823,7 @@ def run_frozen(name, data, tok, args, device, dtype, sync) -> dict:
     alone."""
     from types import SimpleNamespace
 
-    from frozen import StateCache, cached_pair_loss
+    from plumbing.frozen import StateCache, cached_pair_loss
     cfg = SimpleNamespace(loss="contrastive", contrast="softmax", label_smoothing=0.1,
                           dph_weight=1.0, reward_penalty=0.0)
     items = data["dph_items"]
@@ -846,7 +846,7 @@ def run_frozen(name, data, tok, args, device, dtype, sync) -> dict:
         i = state["backbone"] % len(batches)
         state["backbone"] += 1
         b = batches[i]
-        with common.autocast(device, dtype):
+        with plumbing.autocast(device, dtype):
             r = score_choices(models["backbone"], b, rewards=True, logps=False)["rewards"]
         loss, _ = dph_loss(r.float().view(-1, 2)[:, 0], r.float().view(-1, 2)[:, 1],
                            "contrastive", 0.1)
@@ -1031,12 +1031,12 @@ def main(argv=None):
         MALLOC_STATE = tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = common.resolve_device(args.device)
-    dtype = common.resolve_dtype(args.dtype, device)
+    device = plumbing.resolve_device(args.device)
+    dtype = plumbing.resolve_dtype(args.dtype, device)
     sync = make_sync(device)
     t_start = time.time()
     R = {"config": {k: v for k, v in vars(args).items() if k != "memory_child"},
-         "command": "python " + " ".join([os.path.basename(__file__)] + (
+         "command": "python -m tools.bench " + " ".join((
              sys.argv[1:] if argv is None else list(argv))),
          "machine": machine_info(device, dtype),
          "mfu_formula": "MFU = (6·N_non-embedding + 12·L·d·ctx)·tokens/s ÷ peak, tokens = real "

@@ -1,5 +1,8 @@
 """The built-in task suite: eleven procedurally generated families, the project's default data.
 
+SPECS lists their TaskSpecs and MIXTURES the "builtin" and "builtin-choice" mixtures; the
+registry (tasks/registry.py) is built from them, and importing this module registers nothing.
+
 No files and no network: every example is generated from a seed, in a small regular language
 (about 600 distinct words with the numbers: twenty names, a dozen places and objects, colours,
 days), so a tiny Transformer trained from scratch on two CPU cores can learn the tasks in
@@ -45,15 +48,15 @@ held-out passages are never seen in training, as in the real datasets) and the w
 message for the others. No validation or test user message can therefore equal a training one,
 whatever the seed or `n` of either side, and generating a split never needs another split.
 
-    python suite.py      # prints, per family, sizes, label spread, prompt length and timing
+    python -m tasks.suite      # prints, per family, sizes, label spread, prompt length and timing
 """
 from __future__ import annotations
 
 import random
 import zlib
 
-import tasks
-from tasks import ChoiceExample, InstructionExample, PreferenceExample, TaskError, TaskSpec
+from .types import (SYSTEM_PROMPTS, ChoiceExample, InstructionExample, PreferenceExample, TaskError,
+                    TaskSpec, lettered, prompt)
 
 SIZES = {"train": 2000, "validation": 200, "test": 300}
 NOISE = 0.06  # share of deliberately ambiguous items (gold drawn at random) in every family
@@ -107,14 +110,14 @@ def _other(rng, options, *exclude):
 
 def _choice(task, system_kind, fields, candidates, label, keep=None, choices=None, value=None):
     """A ChoiceExample, or None when `keep` (the split's test) rejects its user message."""
-    messages = tasks.prompt(system_kind, fields, choices)
+    messages = prompt(system_kind, fields, choices)
     if keep is not None and not keep(messages[-1]["content"]):
         return None
     return ChoiceExample(task, messages, list(candidates), label, value)
 
 
 def _chat(user: str) -> list:
-    return [{"role": "system", "content": tasks.SYSTEM_PROMPTS["chat"]},
+    return [{"role": "system", "content": SYSTEM_PROMPTS["chat"]},
             {"role": "user", "content": user}]
 
 
@@ -659,7 +662,7 @@ def _make_race(rng, keep):
     label = rng.randrange(4)
     options.insert(label, gold)
     return _choice("synth/race", "multiple_choice", [("Passage", passage), ("Question", q)],
-                   tasks.lettered(options), label, choices=options)
+                   lettered(options), label, choices=options)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -919,7 +922,7 @@ def _near_misses(kind, q, a, words, nums):
 
 
 # ----------------------------------------------------------------------------------------------
-# Loaders and registration
+# Loaders and specs
 
 def _generate(family, make, split, seed, n):
     if split not in SIZES:
@@ -1007,19 +1010,21 @@ FAMILIES = (  # name, kind, loader, metrics, what it mirrors
     ("synth/instruct", "instruction", load_instruct, (),
      "Alpaca: instructions with one exact answer (SFT)"),
 )
-for _name, _kind, _loader, _metrics, _desc in FAMILIES:
-    tasks.register(TaskSpec(_name, _kind, _loader, _metrics, "test", _desc, "synth"))
-tasks.MIXTURES["builtin"] = [f[0] for f in FAMILIES]
-tasks.MIXTURES["builtin-choice"] = [f[0] for f in FAMILIES if f[1] == "choice"]
+SPECS = [TaskSpec(name, kind, loader, metrics, "test", desc, "synth")
+         for name, kind, loader, metrics, desc in FAMILIES]
+MIXTURES = {
+    "builtin": [f[0] for f in FAMILIES],
+    "builtin-choice": [f[0] for f in FAMILIES if f[1] == "choice"],
+}
 
 
 def _report():
     import time
     from collections import Counter
     t0 = time.perf_counter()
-    for name, *_ in FAMILIES:
-        t = time.perf_counter()
-        data = {s: tasks.REGISTRY[name].load(s) for s in SIZES}
+    for spec in SPECS:
+        name, t = spec.name, time.perf_counter()
+        data = {s: spec.load(s) for s in SIZES}
         train = data["train"]
         words = sum(len(ex.messages[-1]["content"].split()) for ex in train) / len(train)
         spread = ""

@@ -1,6 +1,8 @@
-"""Real datasets: readers for the paper's benchmarks, user JSONL and plain text (download.py fetches them).
+"""Real datasets: readers for the paper's benchmarks, user JSONL and plain text (tasks/download.py
+fetches the benchmarks).
 
-Importing this module registers the paper's tasks in tasks.REGISTRY and the mixtures
+SPECS lists the paper's tasks and MIXTURES the mixtures (tasks/registry.py builds the registry
+from them; importing this module registers nothing):
 
     glue     glue/{cola,sst2,mrpc,qqp,stsb,mnli,mnli_mm,qnli,rte}  (GLUE without WNLI)
     gpt4all  hellaswag, openbookqa, winogrande, arc/easy, arc/challenge, boolq, piqa
@@ -8,7 +10,8 @@ Importing this module registers the paper's tasks in tasks.REGISTRY and the mixt
     paper    glue + race + gpt4all + hh_rlhf (preference) + alpaca (instruction)
 
 plus glue/wnli (loadable, in no mixture; see WNLI_NOTE) and the dynamic families
-``jsonl:path/to/file.jsonl`` and ``text:path/to/corpus.txt`` (tasks.DYNAMIC).
+``jsonl:path/to/file.jsonl`` and ``text:path/to/corpus.txt`` (``jsonl_task`` and ``text_task``
+build their specs; tasks.DYNAMIC registers them when a --tasks value names one).
 
 Every loader is ``loader(split, data_dir=None, seed=0, n=None, **_)`` -> list of examples, in
 file order; ``n`` keeps a seeded random subset of n examples (still in file order). data_dir
@@ -17,7 +20,7 @@ official distribution layout first (what ``download`` writes), then the layouts 
 in shared/data (SOURCES.md); ``source="official"|"glue_pretrain"|"kshot"|...`` restricts the
 lookup to one of them, ``resolve_files(task, split)`` says which file would be read.
 
-Errors are one line, tasks.TaskError: "path:line: what is wrong" for bad data, and
+Errors are one line, TaskError (tasks/types.py): "path:line: what is wrong" for bad data, and
 MissingSplit (a TaskError) when a split does not exist (unlabelled test sets, no train split
 in the copies) or its files are not there, naming every path tried. Training code can skip a
 task on MissingSplit and must stop on any other TaskError.
@@ -50,8 +53,8 @@ surgeon than Maria so") and the candidates are "option + rest" ("Maria always go
 cases."), exactly the verbaliser used here and lm-eval-harness's partial scoring. The official
 format (sentence with "_") is converted to the same form, so both give identical examples.
 
-    python loaders.py                      # table of tasks, splits and example counts ($DPH_DATA)
-    python data.py download --tasks glue --data-dir data   # download.py
+    python -m tasks.loaders                # table of tasks, splits and example counts ($DPH_DATA)
+    python data.py download --tasks glue --data-dir data   # tasks/download.py
 """
 from __future__ import annotations
 
@@ -63,13 +66,13 @@ import os
 import random
 import re
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable, Optional
 
-import tasks
-from tasks import (MissingSplit, ChoiceExample, InstructionExample, PreferenceExample, SPLITS, TaskError,
-                   TaskSpec, TextExample, lettered, prompt)
+from .types import (LETTERS, SPLITS, SYSTEM_PROMPTS, ChoiceExample, InstructionExample,
+                    MissingSplit, PreferenceExample, TaskError, TaskSpec, TextExample, lettered,
+                    prompt)
 
 
 class _Bad(Exception):
@@ -296,8 +299,8 @@ def _mc_example(task, fields, options, label) -> ChoiceExample:
     options = [o.strip() for o in options]
     if len(options) < 2 or any(not o for o in options):
         raise _Bad("fewer than two options, or an empty option")
-    if len(options) > len(tasks.LETTERS):
-        raise _Bad(f"{len(options)} options; at most {len(tasks.LETTERS)} can be lettered")
+    if len(options) > len(LETTERS):
+        raise _Bad(f"{len(options)} options; at most {len(LETTERS)} can be lettered")
     return ChoiceExample(task, prompt("multiple_choice", fields, choices=options),
                          lettered(options), _index(label, len(options)))
 
@@ -335,10 +338,10 @@ def _raise(msg):
 def _race_one(task, article, q, options, answer):
     if not isinstance(article, str) or not isinstance(q, str):
         raise _Bad("article or question is not a string")
-    if not isinstance(answer, str) or len(answer) != 1 or answer not in tasks.LETTERS:
+    if not isinstance(answer, str) or len(answer) != 1 or answer not in LETTERS:
         raise _Bad(f"answer {answer!r} is not a letter")
     return _mc_example(task, [("Passage", article.strip()), ("Question", q.strip())], options,
-                       tasks.LETTERS.index(answer))
+                       LETTERS.index(answer))
 
 
 def _strip_prefix(s: str, prefix: str) -> str:
@@ -619,7 +622,7 @@ def _hh(task, paths):
 
 
 def _chat(turns: list) -> list:
-    return [{"role": "system", "content": tasks.SYSTEM_PROMPTS["chat"]}] + turns
+    return [{"role": "system", "content": SYSTEM_PROMPTS["chat"]}] + turns
 
 
 def _alpaca(task, paths, split="train", holdout=0.02):
@@ -854,7 +857,7 @@ def load_alpaca(split, data_dir=None, seed=0, n=None, **_):
 
 
 # ----------------------------------------------------------------------------------------------
-# Registration
+# Specs and mixtures
 
 _EVAL = {  # the split evaluate.py reports: test where labelled, else validation
     "glue/mrpc": "test", "race/middle": "test", "race/high": "test", "arc/easy": "test",
@@ -884,29 +887,31 @@ def _group(name):
     return "race" if name.startswith("race/") else "gpt4all"
 
 
-for _name in TABLE:
-    if _name not in tasks.REGISTRY:  # tolerate a re-import (importlib.reload in a notebook)
-        tasks.register(TaskSpec(_name, "choice", partial(load_table, _name),
-                                metrics=_METRICS.get(_name, ("acc",)),
-                                eval_split=_EVAL.get(_name, "validation"),
-                                description=_DESCRIPTIONS[_name], group=_group(_name)))
-if "hh_rlhf" not in tasks.REGISTRY:
-    tasks.register(TaskSpec("hh_rlhf", "preference", load_hh, metrics=("acc",), eval_split="test",
-                            description="Anthropic HH-RLHF pairs (reward accuracy); test",
-                            group="preference"))
-    tasks.register(TaskSpec("alpaca", "instruction", load_alpaca, metrics=(),
-                            eval_split="validation",
-                            description="Stanford Alpaca instructions (SFT only); last 2% held out",
-                            group="instruction"))
+SPECS = [TaskSpec(name, "choice", partial(load_table, name),
+                  metrics=_METRICS.get(name, ("acc",)),
+                  eval_split=_EVAL.get(name, "validation"),
+                  description=_DESCRIPTIONS[name], group=_group(name))
+         for name in TABLE] + [
+    TaskSpec("hh_rlhf", "preference", load_hh, metrics=("acc",), eval_split="test",
+             description="Anthropic HH-RLHF pairs (reward accuracy); test",
+             group="preference"),
+    TaskSpec("alpaca", "instruction", load_alpaca, metrics=(),
+             eval_split="validation",
+             description="Stanford Alpaca instructions (SFT only); last 2% held out",
+             group="instruction"),
+]
 
 GLUE_MIXTURE = ["glue/cola", "glue/sst2", "glue/mrpc", "glue/qqp", "glue/stsb", "glue/mnli",
                 "glue/mnli_mm", "glue/qnli", "glue/rte"]  # no glue/wnli: see WNLI_NOTE
-tasks.MIXTURES["glue"] = GLUE_MIXTURE
-tasks.MIXTURES["gpt4all"] = ["hellaswag", "openbookqa", "winogrande", "arc/easy", "arc/challenge",
-                             "boolq", "piqa"]
-tasks.MIXTURES["race"] = ["race/middle", "race/high"]
-tasks.MIXTURES["paper"] = (GLUE_MIXTURE + tasks.MIXTURES["race"] + tasks.MIXTURES["gpt4all"]
-                           + ["hh_rlhf", "alpaca"])
+GPT4ALL_MIXTURE = ["hellaswag", "openbookqa", "winogrande", "arc/easy", "arc/challenge", "boolq",
+                   "piqa"]
+RACE_MIXTURE = ["race/middle", "race/high"]
+MIXTURES = {
+    "glue": GLUE_MIXTURE,
+    "gpt4all": GPT4ALL_MIXTURE,
+    "race": RACE_MIXTURE,
+    "paper": GLUE_MIXTURE + RACE_MIXTURE + GPT4ALL_MIXTURE + ["hh_rlhf", "alpaca"],
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -923,7 +928,7 @@ _KINDS = (("candidates", "choice"), ("chosen", "preference"), ("response", "inst
 
 
 def _user_messages(obj) -> list:
-    system = obj.get("system", tasks.SYSTEM_PROMPTS["chat"])
+    system = obj.get("system", SYSTEM_PROMPTS["chat"])
     if not isinstance(system, str):
         raise _Bad("'system' is not a string")
     if ("prompt" in obj) == ("messages" in obj):
@@ -1017,20 +1022,20 @@ def _load_user_jsonl(path, split, data_dir=None, seed=0, n=None, **_):
     return _subsample(by_split[split], n, seed)
 
 
+@lru_cache(maxsize=None)
 def jsonl_task(path: str) -> TaskSpec:
-    """tasks.DYNAMIC["jsonl"]: register (once) and return the task "jsonl:<path>"."""
+    """The spec of the task "jsonl:<path>", built once per path (the file is read and checked
+    then); tasks.DYNAMIC["jsonl"] registers it."""
     name = f"jsonl:{path}"
-    if name in tasks.REGISTRY:
-        return tasks.REGISTRY[name]
     kind, by_split = _read_user_jsonl(name, Path(path))
     counts = ", ".join(f"{s} {len(v)}" for s, v in by_split.items() if v)
     eval_split = next((s for s in ("test", "validation") if by_split[s]), "train")
     note = "" if eval_split != "train" else "; no test/validation lines, so evaluation uses train"
-    return tasks.register(TaskSpec(name, kind, partial(_load_user_jsonl, path),
-                                   metrics=("acc",) if kind in ("choice", "preference") else (),
-                                   eval_split=eval_split,
-                                   description=f"user {kind} data ({counts}){note}",
-                                   group="user"))
+    return TaskSpec(name, kind, partial(_load_user_jsonl, path),
+                    metrics=("acc",) if kind in ("choice", "preference") else (),
+                    eval_split=eval_split,
+                    description=f"user {kind} data ({counts}){note}",
+                    group="user")
 
 
 TEXT_CHUNK = 2000  # characters per TextExample document, roughly
@@ -1091,28 +1096,24 @@ def _load_text(path, split, data_dir=None, seed=0, n=None, **_):
     return _subsample([TextExample(f"text:{path}", d) for d in part], n, seed)
 
 
+@lru_cache(maxsize=None)
 def text_task(path: str) -> TaskSpec:
-    """tasks.DYNAMIC["text"]: plain text for LM pretraining, split into ~2,000-character documents
-    at blank lines; the last 5% of documents are validation (and test)."""
+    """The spec of the task "text:<path>", built once per path; tasks.DYNAMIC["text"] registers
+    it. Plain text for LM pretraining, split into ~2,000-character documents at blank lines; the
+    last 5% of documents are validation (and test)."""
     name = f"text:{path}"
-    if name in tasks.REGISTRY:
-        return tasks.REGISTRY[name]
     docs = _text_documents(Path(path))
-    return tasks.register(TaskSpec(name, "text", partial(_load_text, path), metrics=(),
-                                   eval_split="validation",
-                                   description=f"plain text, {len(docs)} documents; "
-                                               "last 5% = validation",
-                                   group="user"))
-
-
-tasks.DYNAMIC["jsonl"] = jsonl_task
-tasks.DYNAMIC["text"] = text_task
+    return TaskSpec(name, "text", partial(_load_text, path), metrics=(),
+                    eval_split="validation",
+                    description=f"plain text, {len(docs)} documents; "
+                                "last 5% = validation",
+                    group="user")
 
 
 def _summary(data_dir=None) -> None:
     """Print, per task and split, the file read and the number of examples (or why not)."""
-    for name in list(TABLE) + ["hh_rlhf", "alpaca"]:
-        spec = tasks.REGISTRY[name]
+    for spec in SPECS:
+        name = spec.name
         for split in SPLITS:
             try:
                 exs = spec.load(split, data_dir=data_dir)

@@ -83,6 +83,11 @@ class ChatTokenizer:
         return cls(tok)
 
     @classmethod
+    def from_json(cls, text: str):
+        from tokenizers import Tokenizer
+        return cls(Tokenizer.from_str(text))
+
+    @classmethod
     def from_file(cls, path: str):
         from tokenizers import Tokenizer
         if not os.path.isfile(path):

@@ -1,4 +1,4 @@
-"""Examples, prompt templates and the task registry.
+"""Examples, prompt templates, the task spec and the task errors.
 
 Every dataset, built-in or real, is turned into one of three kinds of example:
 
@@ -14,7 +14,9 @@ The user message follows one template for all tasks: labelled fields on their ow
 final "Answer:" line. The system prompt is one generic sentence per task type.
 
 A ``TaskSpec`` ties a task name to its loader, its kind, its metrics and the split used for
-evaluation. ``resolve_tasks("a,b")`` turns a ``--tasks`` flag into specs.
+evaluation; ``TaskError`` and ``MissingSplit`` are the errors meant for the user. The registry of
+every task and ``resolve_tasks`` are in tasks/registry.py. This module imports no other task
+module.
 """
 from __future__ import annotations
 
@@ -126,7 +128,7 @@ def lettered(choices: list) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# Registry
+# Task specs and errors
 
 SPLITS = ("train", "validation", "test")
 
@@ -137,7 +139,7 @@ class TaskSpec:
     kind: str  # "choice" | "preference" | "instruction" | "text"
     # loader(split, seed=..., data_dir=..., **opts) -> list[Example]
     loader: Callable[..., list]
-    metrics: tuple = ("acc",)  # see metrics.py
+    metrics: tuple = ("acc",)  # see tasks/metrics.py
     eval_split: str = "test"  # the split evaluate.py reports on by default
     description: str = ""
     group: str = ""  # aggregate the task counts towards ("glue", "gpt4all", "race", ...)
@@ -147,59 +149,9 @@ class TaskSpec:
         return self.loader(split, **{**self.opts, **kw})
 
 
-REGISTRY: dict = {}
-MIXTURES: dict = {}  # mixture name -> list of task names
-
-
-def register(spec: TaskSpec) -> TaskSpec:
-    if spec.name in REGISTRY:
-        raise ValueError(f"task {spec.name!r} registered twice")
-    REGISTRY[spec.name] = spec
-    return spec
-
-
 class TaskError(ValueError):
     """A bad --tasks value or bad task data: the message is meant for the user, one line."""
 
 
 class MissingSplit(TaskError):
     """The split does not exist for this task, or none of its files is under data_dir."""
-
-
-def _ensure_registered():
-    # Importing these modules fills the registry. Kept lazy so tasks.py stays import-light.
-    import suite  # noqa: F401  (built-in procedurally generated suite)
-    try:
-        import loaders  # noqa: F401  (real dataset formats)
-    except ImportError:
-        pass
-
-
-def resolve_tasks(spec: str) -> list:
-    """Turn a comma-separated --tasks value (task and mixture names) into TaskSpecs, in order,
-    without duplicates. Unknown names raise TaskError listing what exists."""
-    _ensure_registered()
-    out, seen = [], set()
-    for name in [s.strip() for s in spec.split(",") if s.strip()]:
-        if name in MIXTURES:
-            names = MIXTURES[name]
-        elif name in REGISTRY:
-            names = [name]
-        elif ":" in name and name.split(":", 1)[0] in DYNAMIC:
-            prefix, arg = name.split(":", 1)
-            names = [DYNAMIC[prefix](arg).name]
-        else:
-            known = ", ".join(sorted(MIXTURES) + sorted(REGISTRY))
-            raise TaskError(f"--tasks: unknown task {name!r}; known: {known}")
-        for n in names:
-            if n not in seen:
-                seen.add(n)
-                out.append(REGISTRY[n])
-    if not out:
-        raise TaskError("--tasks: no task given")
-    return out
-
-
-# Dynamic task families selected with a prefix, e.g. "jsonl:path/to/file.jsonl" or
-# "text:corpus.txt": prefix -> factory(argument) -> a registered TaskSpec.
-DYNAMIC: dict = {}

@@ -1,7 +1,16 @@
-"""What the three scripts share: flags from a config dataclass, device and dtype, seeding, the
-learning-rate schedule, the paper's prior regularisation, logging and clean one-line errors, and
-the reliability pieces of the training scripts: torchrun/DDP set-up, resumable training state
-(RNG states, --resume config inheritance) and the output directory's life cycle.
+"""Run plumbing shared by train_sft.py, train_dph.py and evaluate.py: nothing here is the method.
+
+    flags        a config dataclass -> argparse flags (RunConfig: the fields both trainers have),
+                 interval checks of every numeric flag, notes on flags that have no effect
+    errors       run_main: bad input is one line on stderr and exit status 2, never a traceback
+    devices      --device / --dtype, autocast, seeds and every RNG's state
+    torchrun     one process per device; DDP averages the gradients
+    --resume     the stored run's config and training state come back
+    inputs       checkpoints to start from, the tasks' splits, memory checks
+    outputs      --out's life cycle and metrics.jsonl
+    Run          the training loop both trainers share: LR schedule, gradient accumulation and
+                 clipping, the optimiser step and prior regularisation, logging, validation,
+                 resumable checkpoints (plumbing/checkpoint.py writes them atomically)
 
 Exit statuses of the scripts (run_main):
     0  done
@@ -25,6 +34,11 @@ import typing
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from plumbing.checkpoint import (CONFIG, RESUME, TOKENIZER, CheckpointError, atomic_write,
+                                 load_checkpoint, load_train_state, save_checkpoint,
+                                 save_train_state, state_digest)
 
 
 class UsageError(ValueError):
@@ -152,7 +166,6 @@ def run_main(main):
     """Run a script's main(). User-facing errors become one line on stderr: bad flags or input
     (and unreadable paths) exit with status 2, a diverged run (FloatingPointError) with 3. Any
     other exception is a bug and keeps its traceback. A torchrun process group is torn down."""
-    from checkpoint import CheckpointError
     from tasks import TaskError
     try:
         status = main()
@@ -367,7 +380,6 @@ def barrier(dist: Dist):
 def weights_digest(model) -> str:
     """sha256 over the bytes of every state-dict tensor, in order (model.pt holds the same, and
     config.json records it as weights_sha256)."""
-    from checkpoint import state_digest
     return state_digest(model.state_dict())
 
 
@@ -410,7 +422,6 @@ def open_resume(cfg, argv=None):
     No RESUME file: start from step 0 when --out holds no checkpoint (a run killed before its
     first save, or the first launch of a job that is requeued with the same command); an error
     when it holds a checkpoint without resume state (it would be overwritten)."""
-    from checkpoint import CONFIG, RESUME, load_train_state
     if not getattr(cfg, "resume", False):
         return cfg, None
     f = os.path.join(cfg.out, RESUME)
@@ -447,38 +458,14 @@ def lr_at(step: int, lr: float, warmup: int, total: int, min_ratio: float = 0.1)
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-class PriorRegularizer:
-    """Decoupled weight decay toward the weights a stage started from (the paper's prior regularisation; the authors' code):
-    θ ← θ − lr·λ·(θ − θ₀) after each optimiser step. Parameters with no prior (a new head) decay
-    toward zero with their own λ. Embeddings, norms and biases are excluded."""
-
-    def __init__(self, named_params, prior_decay: float, zero_decay: float = 0.0,
-                 no_prior: tuple = ()):
-        self.groups = []  # (param, anchor or None, λ)
-        for name, p in named_params:
-            if not p.requires_grad or p.dim() < 2 or "embed" in name:
-                continue
-            if any(name.startswith(prefix) for prefix in no_prior):
-                if zero_decay > 0:
-                    self.groups.append((p, None, zero_decay))
-            elif prior_decay > 0:
-                self.groups.append((p, p.detach().clone(), prior_decay))
-
-    @torch.no_grad()
-    def step(self, lr: float, zero_lr: float = None):
-        """lr: the current learning rate of the anchored parameters; zero_lr: of the others."""
-        zero_lr = lr if zero_lr is None else zero_lr
-        for p, anchor, lam in self.groups:
-            if anchor is None:
-                p.mul_(1 - zero_lr * lam)
-            else:
-                p.sub_(p - anchor, alpha=lr * lam)
-
-
-def make_optimizer(params, lr, betas=(0.9, 0.95), device=None):
-    params = [p for p in params if p.requires_grad]
-    kw = {"fused": True} if device is not None and device.type == "cuda" else {}
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0, **kw)
+def make_optimizer(groups: list, device) -> torch.optim.AdamW:
+    """AdamW (β = 0.9, 0.95) over parameter groups [{"params": [...], "peak_lr": float}], fused on
+    CUDA. Its own weight decay is off: the trainers decay toward anchors (losses.py)."""
+    groups = [{"params": [p for p in g["params"] if p.requires_grad], "lr": g["peak_lr"],
+               "peak_lr": g["peak_lr"]} for g in groups]
+    kw = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=(0.9, 0.95), weight_decay=0.0,
+                             **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,8 +481,7 @@ def load_init(path: str, device="cpu"):
     if pretrained.is_pretrained(path):
         model, info, tok = pretrained.load_pretrained(path)
         return model.to(device), {"pretrained": info}, tok
-    from chat_tokenizer import ChatTokenizer
-    from checkpoint import TOKENIZER, CheckpointError, load_checkpoint
+    from tokenizer.chat import ChatTokenizer
     f = os.path.join(path, TOKENIZER)
     if os.path.isdir(path) and not os.path.isfile(f):
         raise CheckpointError(f"{f}: not found (a checkpoint carries its tokenizer)")
@@ -517,7 +503,6 @@ def load_init(path: str, device="cpu"):
 
 def check_vocab(tok, vocab_size: int, where: str):
     """A token id past the embedding table would index out of range mid-run: refuse up front."""
-    from checkpoint import CheckpointError
     if len(tok) > vocab_size:
         raise CheckpointError(f"{where}: {len(tok)} tokens, but the model has {vocab_size} "
                               f"embedding rows (a tokenizer of another model?)")
@@ -594,6 +579,14 @@ def prepare_out(path: str, overwrite: bool, marker: str = "config.json", keep: b
         os.remove(tmp)
 
 
+def write_text(path: str, text: str):
+    """A results file, written atomically (plumbing/checkpoint.py: atomic_write)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per event, with step, split and time. `resume_step`: drop
     the records a resumed run will write again (steps from there on), keep the rest. `enabled`
@@ -605,10 +598,11 @@ class MetricsLog:
             with open(path) as f:
                 keep = [line for line in f if line.strip()
                         and _keep_record(line, resume_step)]
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(keep)
-            os.replace(tmp, path)
+
+            def write(tmp):
+                with open(tmp, "w") as f:
+                    f.writelines(keep)
+            atomic_write(path, write)
 
     def log(self, step: int, split: str, **values):
         if not self.enabled:
@@ -627,11 +621,6 @@ def _keep_record(line: str, resume_step: int) -> bool:
     except json.JSONDecodeError:  # a line cut short by a kill
         return False
     return rec.get("split") == "config" or rec.get("step", 0) < resume_step
-
-
-def check_finite(loss: torch.Tensor, step: int):
-    if not torch.isfinite(loss).all():
-        raise FloatingPointError(f"non-finite loss {float(loss)} at step {step}")
 
 
 def load_split(specs, split: str, data_dir: str, seed: int, kinds=None, limit: int = 0,
@@ -670,19 +659,205 @@ def trained_only(val: dict, train: dict) -> dict:
     return {k: v for k, v in val.items() if k in train}
 
 
-def start_run(model, cfg, dist, device, state, start: int):
-    """What both training scripts do once their inputs are checked: per-rank seeds, the DDP
-    wrapper (and torch.compile), then rank 0 alone prepares --out and opens metrics.jsonl.
-    Returns (DDP module, forward module, module for rank-0 validation, MetricsLog)."""
-    if state is None and dist.active:
-        torch.manual_seed(cfg.seed + 7919 * dist.rank)  # dropout masks differ between ranks
-    ddp = wrap_ddp(model, dist, device)
-    fwd = torch.compile(ddp) if cfg.compile else ddp
-    val_fwd = model if dist.active else fwd  # validation runs on rank 0 alone, outside DDP
-    barrier(dist)  # every rank has checked its input; now rank 0 writes
-    if dist.main:
-        prepare_out(cfg.out, cfg.overwrite or cfg.resume, keep=state is not None)
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"),
-                     resume_step=start if state is not None else None, enabled=dist.main)
-    log.log(start, "config" if state is None else "resume", **dataclasses.asdict(cfg))
-    return ddp, fwd, val_fwd, log
+
+
+# ----------------------------------------------------------------------------------------------
+# The run both trainers share
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The flags both training scripts have; each script's config adds its own and may give
+    these other defaults."""
+    out: str = opt("out/run", "output checkpoint directory")
+    overwrite: bool = opt(False, "replace a previous run in --out")
+    data_dir: str = opt("", "folder with real datasets (default: $DPH_DATA)")
+    data_seed: int = opt(0, "seed of the built-in suite's generator")
+    label_noise: float = opt(0.0, "fraction of training labels flipped (robustness experiment)")
+    max_examples: int = opt(0, "use at most this many training examples per task (0: all)")
+    batch_size: int = opt(16, "examples per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimiser step")
+    max_steps: int = opt(300, "optimiser steps")
+    lr: float = opt(1e-3, "peak learning rate")
+    min_lr_ratio: float = opt(0.1, "final learning rate / peak")
+    warmup_steps: int = opt(20, "linear warmup steps")
+    prior_decay: float = opt(0.5, "decay toward the starting weights (prior regularisation)")
+    grad_clip: float = opt(1.0, "clip the gradient norm (0: off)")
+    eval_every: int = opt(100, "steps between validations")
+    seed: int = opt(0, "seed for initialisation and data order")
+    device: str = opt("auto", "auto | cpu | cuda | mps")
+    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (autocast)")
+    compile: bool = opt(False, "torch.compile the model")
+    save_every: int = opt(100, "steps between resumable checkpoints in --out (0: at the end only)")
+    resume: bool = opt(False, "continue the run in --out from its last checkpoint; unset flags "
+                              "come from that run (starts at step 0 if there is none yet)")
+
+
+# The interval of every int and float flag of RunConfig (check_ranges; "max" = 2**63 - 1).
+# Upper bounds on sizes stop what no machine could hold before any work; decays move θ by lr·λ
+# of its distance to the anchor per step, and λ beyond 1e3 only diverges.
+RUN_RANGES = {
+    "data_seed": "[0, max]", "seed": "[0, max]", "label_noise": "[0, 1]",
+    "max_examples": "[0, max]", "batch_size": "[1, 1048576]", "grad_accum": "[1, 1048576]",
+    "max_steps": "[1, 1000000000]", "warmup_steps": "[0, 1000000000]", "lr": "(0, inf)",
+    "min_lr_ratio": "[0, 1]", "prior_decay": "[0, 1000]", "grad_clip": "[0, inf)",
+    "eval_every": "[1, max]", "save_every": "[0, max]",
+}
+
+
+def open_run(cls, description: str, validate, argv=None, added: dict = None) -> "Run":
+    """Flags -> a Run whose input is checked and nothing written yet. --resume brings back the
+    stored config and training state; `added`: {flag field: the value a run stored before that
+    flag existed effectively used}."""
+    cfg, _ = parse_config(cls, description, argv)
+    cfg, state = open_resume(cfg, argv)
+    for name, value in (added or {}).items():
+        if state is not None and name not in state["config"]:
+            cfg = dataclasses.replace(cfg, **{name: value})
+    validate(cfg, argv)
+    dist, device = init_distributed(cfg.device)
+    seed_everything(cfg.seed)
+    dtype = resolve_dtype(cfg.dtype, device)
+    check_out(cfg.out, cfg.overwrite or cfg.resume)  # nothing is written before the input is
+    run = Run(cfg, state, dist, device, dtype)       # checked; then rank 0 alone writes
+    if state is not None and state["global_batch"] != run.global_batch:
+        raise UsageError(f"--resume: {dist.world} process(es) x --batch-size {cfg.batch_size} is "
+                         f"not the global batch {state['global_batch']} of the run in {cfg.out}")
+    return run
+
+
+class Run:
+    """One training run: config, devices, the stored state of a resumed run, and the loop.
+
+        run = open_run(...)          flags checked, nothing written
+        run.resumed_model()          --resume: the run's own tokenizer, shape, starting weights
+        run.begin(model, opt, ...)   restore the training state, DDP / compile, prepare --out
+        run.loop(micro_step, ...)    optimise; validate and save on schedule
+    """
+
+    def __init__(self, cfg, state, dist: Dist, device, dtype):
+        self.cfg, self.state, self.dist, self.device, self.dtype = cfg, state, dist, device, dtype
+        self.global_batch = dist.world * cfg.batch_size
+        self.start = state["step"] if state is not None else 0
+        self.seconds_before = state["seconds"] if state is not None else 0.0
+        self.last_saved = self.start if state is not None else None
+        self.t_start = time.time()
+
+    def resumed_model(self):
+        """--resume: (model at its starting weights, tokenizer) as the run stored them."""
+        from model import DPHModel, ModelConfig
+        from tokenizer.chat import ChatTokenizer
+        s = self.state
+        tok = ChatTokenizer.from_json(s["tokenizer"])
+        model = DPHModel(ModelConfig.from_dict(s["model_config"]), head=s.get("head"))
+        if s["init"] is not None:
+            model.load_state_dict(s["init"])
+        print(f"resuming {self.cfg.out} at step {s['step']} of {self.cfg.max_steps}")
+        return model, tok
+
+    def begin(self, model, optimizer, tok, init_weights, payload):
+        """Restore model, optimiser and RNGs of a resumed run; per-rank seeds; the DDP wrapper
+        (and torch.compile); rank 0 prepares --out and opens metrics.jsonl. `payload(done)` ->
+        (stage state for resume.pt, summary, config.json extras) when a checkpoint is saved.
+        Returns (forward module, module for rank-0 validation)."""
+        cfg, dist, state = self.cfg, self.dist, self.state
+        self.model, self.optimizer, self.tok, self.init_weights = model, optimizer, tok, init_weights
+        self.payload = payload
+        self.peak_lrs = [g["lr"] for g in optimizer.param_groups]
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"][dist.rank % len(state["rng"])], self.device)
+        elif dist.active:
+            torch.manual_seed(cfg.seed + 7919 * dist.rank)  # dropout masks differ between ranks
+        self.ddp = wrap_ddp(model, dist, self.device)
+        fwd = torch.compile(self.ddp) if cfg.compile else self.ddp
+        val_fwd = model if dist.active else fwd  # validation runs on rank 0 alone, outside DDP
+        barrier(dist)  # every rank has checked its input; now rank 0 writes
+        if dist.main:
+            prepare_out(cfg.out, cfg.overwrite or cfg.resume, keep=state is not None)
+        self.log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"),
+                              resume_step=self.start if state is not None else None,
+                              enabled=dist.main)
+        self.log.log(self.start, "config" if state is None else "resume",
+                     **dataclasses.asdict(cfg))
+        return fwd, val_fwd
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.time() - self.t_start
+
+    def kept(self) -> str:
+        return (f"; {self.cfg.out} keeps the checkpoint of step {self.last_saved}"
+                if self.last_saved else "; no checkpoint was saved")
+
+    def sync(self, last: bool):
+        """DDP averages gradients on the last micro-batch of a step only."""
+        return contextlib.nullcontext() if last or not self.dist.active else self.ddp.no_sync()
+
+    def save(self, done: int):
+        """resume.pt first (complete or absent), then model.pt, tokenizer.json, config.json."""
+        model, dist = self.model, self.dist
+        if not all_finite(model):
+            raise FloatingPointError(f"non-finite weights after step {done}; stopped" + self.kept())
+        digests = check_replicas(model, dist)
+        rngs = gather_objects(rng_state(self.device), dist)
+        if not dist.main:
+            return
+        stage_state, summary, extra = self.payload(done)
+        save_train_state(self.cfg.out, {
+            "stage": extra["stage"], "step": done, "config": dataclasses.asdict(self.cfg),
+            "world_size": dist.world, "global_batch": self.global_batch,
+            "model_config": dataclasses.asdict(model.cfg), "model": model.state_dict(),
+            "init": self.init_weights, "optimizer": self.optimizer.state_dict(), "rng": rngs,
+            "tokenizer": self.tok.to_json(), "seconds": self.seconds(), **stage_state})
+        extra[extra["stage"]].update(steps=done, seconds=round(self.seconds(), 1), **summary)
+        if dist.active:
+            extra["distributed"] = {"world_size": dist.world, "backend": dist.backend,
+                                    "replica_sha256": digests}
+        save_checkpoint(self.cfg.out, model, self.tok.to_json(), extra=extra)
+        self.last_saved = done
+
+    def loop(self, micro_step, decay, *, desc: str, postfix, after_step=None, log_extra=None):
+        """Optimise from the start step to --max-steps. Each step: the scheduled LR (linear
+        warmup, cosine decay) in every parameter group; --grad-accum calls of micro_step(last),
+        each a forward and backward returning float metrics with "loss"; their mean over the
+        ranks (a non-finite loss stops the run); clipping; the optimiser step; decay(scale),
+        the prior regularisation at the scheduled LR. Then logging, after_step(step, done)
+        (validation) and the scheduled checkpoints; log_extra() adds to the training log."""
+        cfg, model = self.cfg, self.model
+        bar = tqdm(range(self.start, cfg.max_steps), desc=desc, dynamic_ncols=True,
+                   initial=self.start, total=cfg.max_steps, disable=not self.dist.main)
+        self.t_start = time.time()
+        try:
+            for step in bar:
+                scale = lr_at(step, 1.0, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+                for g, peak in zip(self.optimizer.param_groups, self.peak_lrs):
+                    g["lr"] = peak * scale
+                agg = {}
+                for micro in range(cfg.grad_accum):
+                    for k, x in micro_step(micro == cfg.grad_accum - 1).items():
+                        agg[k] = agg.get(k, 0.0) + float(x) / cfg.grad_accum
+                agg = all_mean(agg, self.dist)
+                if not math.isfinite(agg["loss"]):
+                    raise FloatingPointError(f"non-finite training loss ({agg['loss']}) at step "
+                                             f"{step + 1}; stopped" + self.kept())
+                gnorm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad],
+                    cfg.grad_clip or float("inf"))
+                self.optimizer.step()
+                decay(scale)
+                self.optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                bar.set_postfix(**postfix(agg))
+                if step % 10 == 0 or done == cfg.max_steps:
+                    self.log.log(step, "train", grad_norm=float(gnorm), lr=cfg.lr * scale, **agg,
+                                 **(log_extra() if log_extra is not None else {}))
+                if after_step is not None:
+                    after_step(step, done)
+                if done == cfg.max_steps or (cfg.save_every and done % cfg.save_every == 0):
+                    self.save(done)
+                debug_step_delay()
+        finally:
+            bar.close()
+        if self.start == cfg.max_steps:  # resumed a finished run: write the checkpoint again
+            self.save(cfg.max_steps)

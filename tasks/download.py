@@ -1,7 +1,7 @@
 """The downloader: `python data.py download --tasks glue,race --data-dir DIR` (or
-`python download.py ...`) fetches the official archives of the paper's datasets with the
+`python -m tasks.download ...`) fetches the official archives of the paper's datasets with the
 standard library only, checks their sha256 where a trustworthy value is published, and unpacks
-them in the layout loaders.py looks for first. For users with a network; nothing else in the
+them in the layout tasks/loaders.py looks for first. For users with a network; nothing else in the
 project needs one. Tested against a local HTTP server (tests/test_loaders.py).
 """
 from __future__ import annotations
@@ -21,10 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import loaders  # noqa: F401 (registers the real tasks and the mixtures in tasks.MIXTURES)
-import tasks
-from loaders import HH_SUBSETS
-from tasks import TaskError
+from .loaders import HH_SUBSETS, MIXTURES
+from .types import TaskError
 
 # ----------------------------------------------------------------------------------------------
 # Download (urllib only)
@@ -199,7 +197,7 @@ def download(task_names, data_dir, base_urls=None, verify=True, log=None) -> lis
     names = []
     for t in ([task_names] if isinstance(task_names, str) else task_names):
         for name in (s.strip() for s in t.split(",") if s.strip()):
-            for n in tasks.MIXTURES.get(name, [name]):
+            for n in MIXTURES.get(name, [name]):
                 if n not in DOWNLOADS:
                     raise TaskError(f"download: no download for {n!r}; downloadable: "
                                     f"{', '.join(sorted(DOWNLOADS))} (or a mixture: glue, "

@@ -20,7 +20,7 @@ import random
 
 import torch
 
-import common
+import plumbing
 from data import collate_choices, make_pairs, pair_index
 from losses import items_dph_loss, reward_penalty
 
@@ -57,7 +57,7 @@ class StateCache:
                 chunk = todo[i:i + self.batch_size]
                 b = collate_choices(chunk, "shared", self.tok.pad,
                                     end_id=self.tok.im_end).to(self.device)
-                with common.autocast(self.device, self.dtype):
+                with plumbing.autocast(self.device, self.dtype):
                     hidden = self.model(b.idx, b.pos, b.mask()).hidden  # (B, T, C), no logits
                 h = hidden[b.pool[:, 0], b.pool[:, 1]].float().cpu()  # (S, C)
                 keys = [k for it in chunk for k in self._keys(it)]

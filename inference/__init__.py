@@ -1,0 +1,1 @@
+"""Inference: sampling with a KV cache, and best-of-N answers picked by the preference head."""

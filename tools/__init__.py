@@ -1,0 +1,1 @@
+"""Tools beside the method: the benchmark (python -m tools.bench)."""
