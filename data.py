@@ -1,150 +1,35 @@
-"""Chat rendering, packing and pair batching; the tokenizer is chat_tokenizer.py.
+"""The data path of both stages: packing and task interleaving for SFT, DPH pairs and evaluation
+candidates in the shared-prefix layout, and the forward pass that reads rewards and log π.
 
-    render, render_prompt    ChatML ids built piece by piece, with train mask, score mask, pool index
-    sft_document             one conversation (or k-shot bundle, or plain text) as ids + targets
-    best_fit, SFTStream      seeded task interleaving and best-fit packing into rows of seq_len with
-                             document ids and restarted positions
-    make_pairs, ChoiceBatch  DPH pairs (chosen = gold, rejected = every wrong candidate, or one
-                             drawn uniformly) and evaluation candidates, in the padded or the
-                             shared-prefix layout (prompt trees packed several to a row)
-    pair_index               the (chosen, rejected) answers of every pair in a batch
-    score_choices            one forward pass -> rewards and LM log-probabilities per candidate
+    best_fit, collate_packed   best-fit packing of documents into rows of seq_len, with document
+                               ids (the block-diagonal mask) and positions restarting per document
+    TaskSampler                seeded interleaving of tasks: a task per draw, its own shuffled order
+    SFTStream                  endless packed SFT batches of k-shot conversations
+    make_pairs                 DPH pairs: chosen = the gold answer, rejected = every wrong
+                               candidate (beyond the paper) or one drawn uniformly (the paper)
+    ChoiceBatch, collate_choices  the answers of many items in one batch: each prompt once with its
+                               answers as branches (the shared-prefix layout), trees packed several
+                               to a row; `pool` is where each answer's reward is read
+    score_choices              one forward pass -> each answer's reward and log π(y|x)
 
-The prompt format (ChatML): <|endoftext|> then, per message,
-    <|im_start|> role \\n content <|im_end|> \\n
-Special tokens are inserted by id and each content string is encoded on its own, so user text that
-spells "<|im_end|>" stays plain text and no BPE merge crosses a piece boundary.
-
-Run `python data.py download --tasks glue,race --data-dir DIR` to fetch official datasets.
+Conversations become ids and masks in tokenizer/chatml.py (the ChatML template).
 """
 from __future__ import annotations
 
 import bisect
-import json
 import random
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from losses import answer_logps
-from tokenizer.chat import ChatTokenizer
 from tasks import ChoiceExample, InstructionExample, PreferenceExample, TextExample
-
-IGNORE = -100
-
-# ----------------------------------------------------------------------------------------------
-# Chat rendering (ChatML)
-
-
-@dataclass
-class Rendered:
-    ids: list
-    train: list  # bool per token: assistant content + its <|im_end|>
-    score: list  # bool per token: the last assistant message's content
-    pool: int  # index of the last assistant message's <|im_end|>, -1 if none
-
-
-def render_message(tok: ChatTokenizer, msg: dict):
-    """<|im_start|> role \\n content <|im_end|> \\n -> (ids, train, content, end) where train and
-    content are per-token masks and end is the index of <|im_end|> within ids."""
-    role, content = msg["role"], msg["content"]
-    if role not in ("system", "user", "assistant"):
-        raise ValueError(f"unknown role {role!r}")
-    head = [tok.im_start] + tok.piece(role + "\n")
-    body = tok.encode(content)
-    nl = tok.piece("\n")
-    ids = head + body + [tok.im_end] + nl
-    asst = role == "assistant"
-    train = [False] * len(head) + [asst] * (len(body) + 1) + [False] * len(nl)
-    is_content = [False] * len(head) + [True] * len(body) + [False] * (1 + len(nl))
-    return ids, train, is_content, len(head) + len(body)
-
-
-def render(tok: ChatTokenizer, messages: list) -> Rendered:
-    n = len(tok.prefix)  # <bos>, unless the vocabulary adds none
-    ids, train, score, pool = list(tok.prefix), [False] * n, [False] * n, -1
-    for m in messages:
-        i, t, c, end = render_message(tok, m)
-        if m["role"] == "assistant":  # only the last assistant message is scored
-            score = [False] * len(score) + c
-            pool = len(ids) + end
-        else:
-            score += [False] * len(i)
-        ids += i
-        train += t
-    return Rendered(ids, train, score, pool)
-
-
-def render_prompt(tok: ChatTokenizer, messages: list) -> list:
-    """Prompt ids ending in the assistant header, ready for an answer branch."""
-    return render(tok, messages).ids + [tok.im_start] + tok.piece("assistant\n")
-
-
-def answer_branch(tok: ChatTokenizer, answer: str) -> list:
-    """An answer's content ids followed by <|im_end|> (whose hidden state the head reads)."""
-    return tok.encode(answer) + [tok.im_end]
-
+from tokenizer.chatml import IGNORE, Doc, answer_branch, render_prompt, sft_document, \
+    text_documents
 
 # ----------------------------------------------------------------------------------------------
-# SFT documents, truncation and packing
-
-
-@dataclass
-class Doc:
-    ids: list
-    targets: list  # targets[t] = ids[t+1] where that token is trained, else IGNORE
-
-
-def _targets(ids, train):
-    return [ids[t + 1] if train[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
-
-
-def sft_messages(examples: list) -> list:
-    """A k-shot bundle of examples of one task as one conversation: the system prompt once, then
-    each example's user turn and gold answer (the paper used k = 5; k distinct examples)."""
-    msgs = []
-    for ex in examples:
-        if isinstance(ex, ChoiceExample):
-            answer = ex.candidates[ex.label]
-        elif isinstance(ex, PreferenceExample):
-            answer = ex.chosen
-        else:
-            answer = ex.answer
-        turns = ex.messages if not msgs else [m for m in ex.messages if m["role"] != "system"]
-        msgs += turns + [{"role": "assistant", "content": answer}]
-    return msgs
-
-
-def sft_document(tok: ChatTokenizer, examples: list, seq_len: int) -> Optional[Doc]:
-    """Ids and targets of one training conversation, truncated to seq_len from the left of the
-    prompt (never inside the last answer or its <|im_end|>). None when it cannot fit."""
-    r = render(tok, sft_messages(examples))
-    ids, train = r.ids[:-len(tok.piece("\n"))], r.train[:-len(tok.piece("\n"))]  # the final
-    # newline is never a target: dropping it saves a token per document and changes no loss
-    over = len(ids) - seq_len
-    if over > 0:
-        # keep <bos>, cut just after it, but keep the last answer's header and content
-        header = 1 + len(tok.piece("assistant\n"))
-        first_answer_tok = r.score.index(True) if True in r.score else r.pool
-        removable = first_answer_tok - header - 1
-        if removable < over:
-            return None
-        ids, train = ids[:1] + ids[1 + over:], train[:1] + train[1 + over:]
-    return Doc(ids, _targets(ids, train))
-
-
-def text_documents(tok: ChatTokenizer, text: str, seq_len: int) -> list:
-    """Plain text for pretraining: <bos> + tokens, every token trained, cut into row-sized
-    pieces."""
-    ids = tok.encode(text)
-    out, step = [], seq_len - 1
-    for i in range(0, len(ids), step):
-        piece = tok.prefix + ids[i:i + step]  # <bos>, unless the vocabulary adds none
-        if len(piece) > 2:
-            out.append(Doc(piece, piece[1:] + [IGNORE]))
-    return out
+# Packing SFT documents (tokenizer/chatml.py renders them)
 
 
 def best_fit(lengths: list, capacity: int) -> list:
@@ -292,13 +177,6 @@ class SFTStream:
         self.buffer = [Doc(list(i), list(t)) for i, t in s["buffer"]]
 
 
-def padded_sft_batch(tok, examples: list, seq_len: int) -> PackedBatch:
-    """One conversation per row, right-padded: the naive layout the benchmark compares with."""
-    docs = [d for d in (sft_document(tok, [ex], seq_len) for ex in examples) if d is not None]
-    T = max(len(d.ids) for d in docs)
-    return collate_packed([[d] for d in docs], T, tok.pad)
-
-
 # ----------------------------------------------------------------------------------------------
 # DPH pairs and evaluation candidates
 
@@ -312,27 +190,6 @@ class ChoiceItem:
     label: int = 0
     ref: int = -1  # index of the example this came from
     content_chars: list = field(default_factory=list)  # characters per answer (acc_norm)
-
-
-def apply_label_noise(examples: list, fraction: float, seed: int) -> list:
-    """Flip exactly round(fraction * n) training labels: a choice example gets a uniformly drawn
-    wrong label, a preference example has chosen and rejected swapped. Other kinds pass."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"--label-noise must be in [0, 1], got {fraction}")
-    flippable = [i for i, ex in enumerate(examples)
-                 if isinstance(ex, PreferenceExample)
-                 or (isinstance(ex, ChoiceExample) and len(ex.candidates) > 1)]
-    rng = random.Random(seed)
-    flip = set(rng.sample(flippable, round(fraction * len(flippable))))
-    out = []
-    for i, ex in enumerate(examples):
-        if i in flip and isinstance(ex, ChoiceExample):
-            wrong = [j for j in range(len(ex.candidates)) if j != ex.label]
-            ex = ChoiceExample(ex.task, ex.messages, ex.candidates, rng.choice(wrong), ex.value)
-        elif i in flip:
-            ex = PreferenceExample(ex.task, ex.messages, ex.rejected, ex.chosen)
-        out.append(ex)
-    return out
 
 
 def _truncate_prompt(prompt: list, longest_branch: int, max_len: int,
@@ -518,17 +375,6 @@ def collate_choices(items: list, layout: str, pad_id: int, *, end_id: int) -> Ch
         [c for it in items for c in it.content_chars], layout)
 
 
-def pair_index(n_branches: list, device=None):
-    """(chosen, rejected) answer indices of every pair in a batch whose items have branches
-    [chosen, rejected_1, ..., rejected_k]: item i gives the k pairs (chosen_i, rejected_i,j)."""
-    chosen, rejected, s = [], [], 0
-    for k in n_branches:
-        chosen += [s] * (k - 1)
-        rejected += range(s + 1, s + k)
-        s += k
-    return (torch.tensor(chosen, device=device), torch.tensor(rejected, device=device))
-
-
 def score_choices(model, batch: ChoiceBatch, rewards: bool = True, logps: bool = True) -> dict:
     """One forward pass over a ChoiceBatch. Returns per-answer tensors (S,):
     'rewards' (the head at <|im_end|>), 'logp' (summed log-prob of content + <|im_end|>, what DPO
@@ -545,32 +391,3 @@ def score_choices(model, batch: ChoiceBatch, rewards: bool = True, logps: bool =
         res["n_content"] = torch.zeros(batch.n_seqs, device=content.device).index_add(
             0, batch.site_seq[content], content[content].float())
     return res
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: `python data.py download ...`, `python data.py show --tasks ...`
-
-
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["download"]:
-        from tasks import download
-        return download.main(argv[1:])
-    if argv[:1] == ["show"]:
-        import argparse
-        from tasks import resolve_tasks
-        p = argparse.ArgumentParser(prog="data.py show", description="print rendered examples")
-        p.add_argument("--tasks", default="builtin")
-        p.add_argument("--split", default="train")
-        p.add_argument("-n", type=int, default=1)
-        a = p.parse_args(argv[1:])
-        for spec in resolve_tasks(a.tasks):
-            for ex in spec.load(a.split)[:a.n]:
-                print(f"== {spec.name} ==\n" + json.dumps(ex.__dict__, indent=1, ensure_ascii=False))
-        return 0
-    print("usage: python data.py {download,show} [--help]", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,10 +29,11 @@ from tqdm import tqdm
 
 from tasks import metrics as M
 import plumbing
-from data import collate_choices, eval_items, render_prompt, score_choices
+from data import collate_choices, eval_items, score_choices
 from inference import best_of_n
 from plumbing import UsageError, opt
 from tasks import SYSTEM_PROMPTS, MissingSplit, resolve_tasks
+from tokenizer.chatml import render_prompt
 
 ROWS = (("SFT", "sft", "lm_mean"), ("DPO", "dph", "lm_mean"), ("DPH", "dph", "reward"))
 

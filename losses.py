@@ -198,14 +198,19 @@ def items_dph_loss(rewards: torch.Tensor, n_candidates, kind: str = "contrastive
         raise ValueError(f"unknown contrast {contrast!r}; choose one of {CONTRAST_KINDS}")
     if kind == "contrastive" and contrast == "softmax":
         return listwise_dph_loss(rewards, n_candidates, label_smoothing)
+    w, l = pair_index(n_candidates, rewards.device)
+    return dph_loss(rewards[w], rewards[l], kind, label_smoothing)
+
+
+def pair_index(n_branches: list, device=None):
+    """(chosen, rejected) answer indices of every pair in a batch whose items have branches
+    [chosen, rejected_1, ..., rejected_k]: item i gives the k pairs (chosen_i, rejected_i,j)."""
     chosen, rejected, s = [], [], 0
-    for k in n_candidates:
+    for k in n_branches:
         chosen += [s] * (k - 1)
         rejected += range(s + 1, s + k)
         s += k
-    idx = torch.tensor(chosen + rejected, device=rewards.device, dtype=torch.long)
-    return dph_loss(rewards[idx[:len(chosen)]], rewards[idx[len(chosen):]], kind,
-                    label_smoothing)
+    return (torch.tensor(chosen, device=device), torch.tensor(rejected, device=device))
 
 
 def reward_penalty(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weight: float,

@@ -31,14 +31,14 @@ import torch
 from tqdm import tqdm
 
 import plumbing
-from data import (REJECTED, TaskSampler, apply_label_noise, collate_choices, make_pairs,
-                  pair_index, score_choices)
-from losses import (CONTRAST_KINDS, decayed_parameters, dpo_loss, items_dph_loss,
+from data import REJECTED, TaskSampler, collate_choices, make_pairs, score_choices
+from losses import (CONTRAST_KINDS, decayed_parameters, dpo_loss, items_dph_loss, pair_index,
                     prior_regularization, reward_penalty)
 from model import PreferenceHead
 from plumbing import RunConfig, UsageError, opt
 from plumbing.frozen import StateCache, cached_pair_loss, cached_validation
 from tasks import InstructionExample, TaskError, resolve_tasks
+from tasks.noise import apply_label_noise
 
 PAIR_KINDS = ("choice", "preference", "instruction")  # instructions: those with distractors
 

@@ -20,12 +20,14 @@ import torch
 from tqdm import tqdm
 
 import plumbing
-from data import IGNORE, PackedBatch, SFTStream, apply_label_noise, sft_document
+from data import PackedBatch, SFTStream
 from losses import decayed_parameters, prior_regularization, sft_loss
 from model import DPHModel, attention_mask, padded_vocab, preset
 from plumbing import RunConfig, UsageError, opt
 from tasks import TextExample, resolve_tasks
+from tasks.noise import apply_label_noise
 from tokenizer.chat import SPECIALS, ChatTokenizer, training_text
+from tokenizer.chatml import IGNORE, sft_document
 
 
 @dataclass

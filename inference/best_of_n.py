@@ -20,10 +20,11 @@ import torch
 from tqdm import tqdm
 
 import plumbing
-from data import ChoiceItem, collate_choices, render_prompt, score_choices
+from data import ChoiceItem, collate_choices, score_choices
 from inference.generate import generate
 from plumbing import UsageError
 from tasks import TaskError, resolve_tasks
+from tokenizer.chatml import render_prompt
 
 
 def generation_prompt(tok, system: str, user: str, ctx: int, max_new_tokens: int):

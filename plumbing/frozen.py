@@ -21,8 +21,8 @@ import random
 import torch
 
 import plumbing
-from data import collate_choices, make_pairs, pair_index
-from losses import items_dph_loss, reward_penalty
+from data import collate_choices, make_pairs
+from losses import items_dph_loss, pair_index, reward_penalty
 
 
 class StateCache:

@@ -6,7 +6,7 @@ The public API; import from here (``from tasks import ChoiceExample, resolve_tas
     tasks/registry.py  REGISTRY, MIXTURES, DYNAMIC (jsonl:/text:), register, resolve_tasks
     tasks/suite.py     the built-in procedurally generated suite (the default data)
     tasks/loaders.py   real datasets in their official formats, jsonl:/text: tasks
-    tasks/download.py  fetches the official archives (`python data.py download`)
+    tasks/download.py  fetches the official archives (`python -m tasks download`)
     tasks/metrics.py   accuracy, F1, MCC, Pearson, Spearman and the benchmark aggregates
 
 The names of tasks/types.py are imported with the package; those of tasks/registry.py (which

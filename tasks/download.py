@@ -1,4 +1,4 @@
-"""The downloader: `python data.py download --tasks glue,race --data-dir DIR` (or
+"""The downloader: `python -m tasks download --tasks glue,race --data-dir DIR` (or
 `python -m tasks.download ...`) fetches the official archives of the paper's datasets with the
 standard library only, checks their sha256 where a trustworthy value is published, and unpacks
 them in the layout tasks/loaders.py looks for first. For users with a network; nothing else in the
@@ -237,11 +237,11 @@ def download(task_names, data_dir, base_urls=None, verify=True, log=None) -> lis
 
 
 def main(argv=None) -> int:
-    """``python data.py download --tasks glue,race --data-dir data``."""
+    """``python -m tasks download --tasks glue,race --data-dir data``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["download"]:
         argv = argv[1:]
-    p = argparse.ArgumentParser(prog="data.py download",
+    p = argparse.ArgumentParser(prog="python -m tasks download",
                                 description="Fetch the official benchmark files into --data-dir.")
     p.add_argument("--tasks", required=True,
                    help="comma-separated task or mixture names "

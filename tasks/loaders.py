@@ -54,7 +54,7 @@ cases."), exactly the verbaliser used here and lm-eval-harness's partial scoring
 format (sentence with "_") is converted to the same form, so both give identical examples.
 
     python -m tasks.loaders                # table of tasks, splits and example counts ($DPH_DATA)
-    python data.py download --tasks glue --data-dir data   # tasks/download.py
+    python -m tasks download --tasks glue --data-dir data   # tasks/download.py
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def _data_dir(data_dir) -> Path:
     d = data_dir or os.environ.get("DPH_DATA")
     if not d:
         raise TaskError("no data directory: pass --data-dir or set DPH_DATA "
-                           "(python data.py download --tasks ... fetches the files)")
+                           "(python -m tasks download --tasks ... fetches the files)")
     return Path(d)
 
 
@@ -810,7 +810,7 @@ def _first_source(task: str, split: str, data_dir=None, source=None):
             return s, paths
         tried += [str(p) for p in paths if not p.exists()]
     raise MissingSplit(f"{task} {split}: not found; tried {', '.join(tried)} "
-                       f"(python data.py download --tasks {task} --data-dir {dd})")
+                       f"(python -m tasks download --tasks {task} --data-dir {dd})")
 
 
 def resolve_files(task: str, split: str, data_dir=None, source=None) -> list:
@@ -837,7 +837,7 @@ def load_hh(split, data_dir=None, seed=0, n=None, subsets=HH_SUBSETS, **_):
     found = [p for p in paths if p.exists()]
     if not found:
         raise MissingSplit(f"hh_rlhf {split}: not found; tried {', '.join(map(str, paths))} "
-                           f"(python data.py download --tasks hh_rlhf --data-dir {dd})")
+                           f"(python -m tasks download --tasks hh_rlhf --data-dir {dd})")
     exs = _hh("hh_rlhf", found)
     if not exs:
         raise TaskError(f"{found[0]}: no usable preference pairs")
@@ -852,7 +852,7 @@ def load_alpaca(split, data_dir=None, seed=0, n=None, **_):
     path = next((p for p in paths if p.exists()), None)
     if path is None:
         raise MissingSplit(f"alpaca {split}: not found; tried {', '.join(map(str, paths))} "
-                           f"(python data.py download --tasks alpaca --data-dir {dd})")
+                           f"(python -m tasks download --tasks alpaca --data-dir {dd})")
     return _subsample(_alpaca("alpaca", [path], split), n, seed)
 
 

@@ -1,4 +1,4 @@
-"""Tests for data.py: ChatML rendering and masks at exact token positions, special
+"""Tests for data.py and tokenizer/chatml.py: ChatML rendering and masks at exact token positions, special
 tokens not injectable through text, ids intact across piece boundaries, packing isolation fields,
 best-fit packing, truncation that keeps the answer, k-shot bundles, uniform rejected answers,
 label noise, the shared-prefix and padded layouts scoring identically, and the tokenizers."""
@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from tokenizer.chat import ChatTokenizer  # noqa: E402
-from data import (IGNORE, Doc, SFTStream, answer_branch, apply_label_noise,
-                  best_fit, collate_choices, collate_packed, eval_items, make_pairs, render,
-                  render_prompt, score_choices, sft_document, sft_messages)
+from data import (SFTStream, best_fit, collate_choices, collate_packed, eval_items, make_pairs,
+                  score_choices)
+from tasks.noise import apply_label_noise
+from tokenizer.chatml import (IGNORE, Doc, answer_branch, render, render_prompt, sft_document,
+                              sft_messages)
 from tasks import ChoiceExample, InstructionExample, PreferenceExample, prompt
 
 SYS = {"role": "system", "content": "You are a helpful assistant."}

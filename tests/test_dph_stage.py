@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from data import collate_choices, make_pairs, pair_index, score_choices
+from data import collate_choices, make_pairs, score_choices
+from losses import pair_index
 from model import Attention
 from tasks import ChoiceExample, prompt
 from train_dph import DPHConfig, pair_loss

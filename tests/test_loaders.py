@@ -641,7 +641,7 @@ def test_download_from_local_server(server, tmp_path, monkeypatch):
     assert len(_Quiet.hits) == 3  # SST-2 twice (refused, then accepted), RACE once
     download.download(["race", "glue/sst2"], dd, base_urls=base, log=lambda s: None)
     assert len(_Quiet.hits) == 3
-    # the CLI entry point data.py calls
+    # the CLI entry point `python -m tasks download` calls
     assert download.main(["download", "--tasks", "glue/sst2", "--data-dir", str(tmp_path / "d2"),
                          "--base-url", base]) == 0
     assert (tmp_path / "d2/glue/SST-2/dev.tsv").exists()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import plumbing
 import pretrained
 from tokenizer.chat import ChatTokenizer
-from data import render_prompt
+from tokenizer.chatml import render_prompt
 from inference.generate import KVCache, generate
 from model import DPHModel, ModelConfig
 from pretrained import gguf as G
