@@ -23,7 +23,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -32,14 +31,14 @@ import plumbing
 from data import collate_choices, eval_items, score_choices
 from inference import best_of_n
 from plumbing import UsageError, opt
-from tasks import SYSTEM_PROMPTS, MissingSplit, resolve_tasks
+from tasks import MissingSplit, resolve_tasks
 from tokenizer.chatml import render_prompt
 
 ROWS = (("SFT", "sft", "lm_mean"), ("DPO", "dph", "lm_mean"), ("DPH", "dph", "reward"))
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(best_of_n.SamplingConfig):
     sft: str = opt("out/sft", "SFT checkpoint, or a pretrained .gguf / Hugging Face directory "
                               "(its zero-shot LM) ('' to skip)")
     dph: str = opt("out/dph", "DPH checkpoint ('' to skip)")
@@ -53,48 +52,20 @@ class EvalConfig:
                       ["shared", "padded"])
     batch_size: int = opt(32, "examples per forward pass")
     max_examples: int = opt(0, "evaluate at most this many examples per task (0: all)")
-    generate: str = opt("", "a user message: sample -n answers and rank them by reward")
-    generate_from: str = opt("", "a task with exact answers (synth/instruct): best-of-N on its "
-                                 "test prompts, exact match of four pickers (--max-examples "
-                                 "prompts, default 50)")
-    show: int = opt(3, "prompts whose samples --generate-from prints")
-    n: int = opt(8, "answers to sample with --generate", alias="-n")
-    max_new_tokens: int = opt(64, "longest sampled answer")
-    temperature: float = opt(0.8, "sampling temperature")
-    top_k: int = opt(0, "sample from the k most likely tokens (0: all)")
-    top_p: float = opt(0.95, "nucleus sampling mass")
-    system: str = opt(SYSTEM_PROMPTS["chat"], "system prompt for --generate")
     seed: int = opt(0, "sampling seed")
     device: str = opt("auto", "auto | cpu | cuda | mps")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (autocast)")
 
 
 # The interval of every int and float flag (plumbing.check_ranges; "max" = 2**63 - 1).
-RANGES = {
-    "data_seed": "[0, max]", "seed": "[0, max]", "batch_size": "[1, 1048576]",
-    "max_examples": "[0, max]", "show": "[0, max]",
-    "n": "[1, 1024]",  # best-of-N: N answers decoded together, each with its KV cache
-    "max_new_tokens": "[1, 1048576]", "temperature": "[0, 10000]", "top_k": "[0, 2147483647]",
-    "top_p": "(0, 1]",
-}
-MIN_TEMPERATURE = 1e-4  # below it logits / T overflows float32: use 0, greedy decoding
+RANGES = {"data_seed": "[0, max]", "seed": "[0, max]", "batch_size": "[1, 1048576]",
+          "max_examples": "[0, max]", **best_of_n.RANGES}
 
 
 def validate(cfg: EvalConfig, argv=None):
     """Every flag checked before any work: ranges, the generation settings, --out."""
     plumbing.check_ranges(cfg, RANGES)
-    if 0 < cfg.temperature < MIN_TEMPERATURE:
-        raise UsageError(f"--temperature {cfg.temperature}: use 0 for greedy decoding, or at "
-                         f"least {MIN_TEMPERATURE}")
-    given = plumbing.explicit_flags(argv)
-    for name in ("generate", "generate_from"):
-        if name in given and not getattr(cfg, name, "").strip():
-            raise UsageError(f"--{name.replace('_', '-')}: empty "
-                             f"{'prompt' if name == 'generate' else 'task'}")
-    if cfg.generate and getattr(cfg, "generate_from", ""):
-        raise UsageError("--generate and --generate-from: pick one")
-    if (cfg.generate or getattr(cfg, "generate_from", "")) and not (cfg.dph or cfg.sft):
-        raise UsageError("--generate needs a checkpoint with a preference head: pass --dph")
+    best_of_n.validate(cfg, argv)
     plumbing.check_writable_dir(cfg.out, "--out")
 
 
@@ -113,16 +84,9 @@ def score_task(model, tok, examples, cfg, device, dtype, has_head):
         raise UsageError(f"{e} (the model's context); scoring without it would change the "
                          f"task, so drop the example (or use --max-examples)") from None
     note_cut_prompts(tok, examples, items, ctx)
-    if items:  # one chunk of items of the median length must fit in the device
-        if cfg.layout == "shared":
-            lengths, rows = [len(it.prompt) + sum(map(len, it.branches)) for it in items], 1
-        else:
-            lengths = [len(it.prompt) + max(map(len, it.branches)) for it in items]
-            rows = max(len(it.branches) for it in items)
-        plumbing.check_fits(plumbing.batch_bytes(model.cfg, rows * min(cfg.batch_size, len(items)),
-                                             sorted(lengths)[len(lengths) // 2], backward=False),
-                          device, f"--batch-size {cfg.batch_size} examples of "
-                          f"{examples[0].task}", "lower --batch-size")
+    plumbing.check_items_fit(model.cfg, items, cfg.layout, min(cfg.batch_size, len(items)),
+                             device, f"--batch-size {cfg.batch_size} examples of "
+                             f"{examples[0].task}", "lower --batch-size", backward=False)
     out = []
     for i in range(0, len(items), cfg.batch_size):
         chunk = items[i:i + cfg.batch_size]
@@ -169,62 +133,6 @@ def note_cut_prompts(tok, examples, items, max_len):
               file=sys.stderr)
 
 
-def predict(scores, label: int) -> int:
-    """The argmax candidate; a tie at the top that includes the gold answer counts as wrong
-    (another tied candidate is predicted): identical candidates, or a head that gives several
-    answers the same reward, never score as correct by the order of the candidates."""
-    s = np.asarray(scores)
-    top = np.flatnonzero(s == s.max())
-    if len(top) > 1 and label in top:
-        return int(next(i for i in top if i != label))
-    return int(top[0])
-
-
-def task_metrics(spec, examples, scored, readout):
-    ties = sum(int(np.sum(np.asarray(s[readout]) == max(s[readout])) > 1) for s in scored)
-    if ties:
-        print(f"note: {spec.name}: {ties} of {len(scored)} examples have tied top {readout} "
-              f"scores (identical candidates?); a tie counts as wrong", file=sys.stderr)
-    pred = np.array([predict(s[readout], s["label"]) for s in scored])
-    gold = np.array([s["label"] for s in scored])
-    ex0 = examples[0]
-    values = None
-    if "pearson" in spec.metrics or "spearman" in spec.metrics:
-        values = np.array([examples[s["index"]].value for s in scored], dtype=float)
-    cands = getattr(ex0, "candidates", None) or []
-    positive = cands.index("yes") if "yes" in cands else 1
-    m = M.compute(spec.metrics or ("acc",), pred, gold, values=values, positive=positive)
-    correct = (pred == gold).astype(float)
-    m.setdefault("acc", float(correct.mean()))
-    m["acc_stderr"] = M.acc_stderr(correct)
-    m["score"] = M.task_score({k: v for k, v in m.items() if k in (spec.metrics or ("acc",))})
-    return m
-
-
-def aggregates(per_task: dict) -> dict:
-    """Mean over all tasks, plus the paper's aggregates for whichever groups are present."""
-    out = {"average": float(np.mean(list(per_task.values())))} if per_task else {}
-    glue = M.glue_score(per_task)
-    if glue is not None:
-        out["glue"] = glue
-    g4 = M.gpt4all_average(per_task)
-    if g4 is not None:
-        out["gpt4all"] = g4
-    if "race/middle" in per_task and "race/high" in per_task:
-        out["race"] = M.race_average(per_task["race/middle"], per_task["race/high"])
-    return out
-
-
-def format_table(table: dict, columns: list) -> str:
-    short = [c.split("/")[-1][:11] for c in columns]
-    w = [max(6, len(s)) for s in short]
-    lines = ["model  " + "  ".join(s.rjust(n) for s, n in zip(short, w))]
-    for row, vals in table.items():
-        lines.append(f"{row:<6} " + "  ".join(
-            (f"{100 * vals[c]:.1f}" if c in vals else "-").rjust(n) for c, n in zip(columns, w)))
-    return "\n".join(lines)
-
-
 def main(argv=None):
     cfg, _ = plumbing.parse_config(EvalConfig, __doc__.splitlines()[0], argv)
     validate(cfg, argv)
@@ -268,7 +176,7 @@ def main(argv=None):
             scored[key] = score_task(model, tok, examples, cfg, device, dtype,
                                      model.head is not None)
             readouts = [r for r in ("reward", "lm_mean", "lm_sum", "lm_char") if r in scored[key][0]]
-            entry[key] = {r: task_metrics(spec, examples, scored[key], r) for r in readouts}
+            entry[key] = {r: M.task_metrics(spec, examples, scored[key], r) for r in readouts}
         results[spec.name] = entry
         for j in range(len(examples)):
             rec = {"task": spec.name, "index": scored[next(iter(scored))][j]["index"],
@@ -283,10 +191,10 @@ def main(argv=None):
     for row, key, readout in ROWS:
         if key in models and all(readout in results[s.name][key] for s in specs):
             per_task = {s.name: results[s.name][key][readout]["score"] for s in specs}
-            table[row] = {**per_task, **aggregates(per_task)}
+            table[row] = {**per_task, **M.aggregates(per_task)}
     columns = [s.name for s in specs] + [c for c in ("glue", "gpt4all", "race", "average")
                                          if any(c in v for v in table.values())]
-    text = format_table(table, columns)
+    text = M.format_table(table, columns)
     print(text)
     stage = models["dph"][2].get("dph", {}) if "dph" in models else {}
     if "DPO" in table and (stage.get("freeze_backbone") or stage.get("dpo_weight") == 0):

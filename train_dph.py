@@ -183,42 +183,6 @@ def validation_rewards(model, items, cfg, device, dtype, end_id):
             "rewards/margins": (c - r).mean().item(), "pairs": len(c)}
 
 
-def check_fit(tok, train: dict, max_len: int, sample: int = 256):
-    """Pairs whose answers cannot fit in max_len tokens (after cutting the prompt from the left)
-    are skipped. When more than half of a task's first `sample` examples would be, that is an
-    error (--max-len too small); when some would, a note. Returns the pairs made."""
-    rng = random.Random(0)  # its own generator: the training draws stay untouched
-    made = []
-    for name, exs in train.items():
-        probe = exs[:sample]
-        pairs = make_pairs(tok, probe, rng, max_len)
-        made += pairs
-        dropped = len(probe) - len(pairs)
-        if 2 * dropped > len(probe):
-            raise UsageError(f"--max-len {max_len} is too small for {name}: {dropped} of its first "
-                             f"{len(probe)} examples cannot fit their answers")
-        if dropped:
-            print(f"note: {name}: {dropped} of the first {len(probe)} examples do not fit in "
-                  f"{max_len} tokens and are skipped", file=sys.stderr)
-    return made
-
-
-def check_memory(mcfg, cfg: DPHConfig, pairs: list, device):
-    """One micro-batch of pairs of the median length seen must fit in the device (a lower bound:
-    real batches hold longer pairs too)."""
-    if not pairs:
-        return
-    if cfg.layout == "shared":  # a row per item: the prompt once, then every branch
-        lengths = sorted(len(it.prompt) + sum(map(len, it.branches)) for it in pairs)
-        rows = cfg.batch_size
-    else:  # a row per answer
-        lengths = sorted(len(it.prompt) + max(map(len, it.branches)) for it in pairs)
-        rows = cfg.batch_size * min(len(it.branches) for it in pairs)
-    plumbing.check_fits(plumbing.batch_bytes(mcfg, rows, lengths[len(lengths) // 2]), device,
-                      f"one micro-batch of --batch-size {cfg.batch_size} pairs",
-                      "lower it (--grad-accum keeps the batch)")
-
-
 def load_data(cfg: DPHConfig, model, tok, prior: dict, device):
     """The pair-making tasks (--tasks, or those the SFT checkpoint was trained on), their
     training examples, fixed validation pairs and a fixed sample of training pairs (reward
@@ -242,7 +206,14 @@ def load_data(cfg: DPHConfig, model, tok, prior: dict, device):
         raise UsageError(f"--tasks {tasks}: no choice or preference task to make pairs from")
     if cfg.label_noise:
         train = {k: apply_label_noise(v, cfg.label_noise, cfg.seed) for k, v in train.items()}
-    check_memory(model.cfg, cfg, check_fit(tok, train, max_len), device)
+    # pairs whose answers cannot fit in max_len (after cutting the prompt from the left) are
+    # skipped; too many skipped means --max-len is too small. A micro-batch must fit in memory.
+    probes = {n: make_pairs(tok, exs[:256], random.Random(0), max_len) for n, exs in train.items()}
+    plumbing.check_fit("--max-len", max_len, {n: (min(256, len(train[n])) - len(p), min(
+        256, len(train[n]))) for n, p in probes.items()})
+    plumbing.check_items_fit(model.cfg, [it for p in probes.values() for it in p], cfg.layout,
+                             cfg.batch_size, device, f"one micro-batch of --batch-size "
+                             f"{cfg.batch_size} pairs", "lower it (--grad-accum keeps the batch)")
     val = plumbing.trained_only(plumbing.load_split(specs, "validation", cfg.data_dir,
                                                     cfg.data_seed, required=False), train)
     val_exs = [ex for exs in val.values() for ex in exs]

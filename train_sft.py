@@ -78,8 +78,8 @@ def validate(cfg: SFTConfig, argv=None):
 def fits(mcfg, cfg: SFTConfig, device):
     """One micro-batch (rows of --seq-len, with their dense mask) must fit in the device."""
     plumbing.check_fits(plumbing.batch_bytes(mcfg, cfg.batch_size, cfg.seq_len), device,
-                      f"one micro-batch of --batch-size {cfg.batch_size} x --seq-len "
-                      f"{cfg.seq_len}", "lower them (--grad-accum keeps the batch)")
+                        f"one micro-batch of --batch-size {cfg.batch_size} x --seq-len "
+                        f"{cfg.seq_len}", "lower them (--grad-accum keeps the batch)")
 
 
 @torch.no_grad()
@@ -102,32 +102,6 @@ def step_loss(model, b, device, dtype):
     with plumbing.autocast(device, dtype):
         out = model(idx, pos, attention_mask(doc), logits_at=where)
     return sft_loss(out.logits.float(), tgt[where])
-
-
-def check_fit(tok, train: dict, seq_len: int, sample: int = 256):
-    """--seq-len too small for the answers: a conversation whose last answer (with its header and
-    <|im_end|>) cannot fit in a row is dropped (its prompt is cut from the left first). When more
-    than half of a task's first `sample` examples would be dropped that is an error; when some
-    would, a note."""
-    for name, exs in train.items():
-        probe = [ex for ex in exs[:sample] if not isinstance(ex, TextExample)]
-        dropped = sum(sft_document(tok, [ex], seq_len) is None for ex in probe)
-        if 2 * dropped > len(probe):
-            raise UsageError(f"--seq-len {seq_len} is too small for {name}: {dropped} of its first "
-                             f"{len(probe)} examples cannot fit their answer in a row")
-        if dropped:
-            print(f"note: {name}: {dropped} of the first {len(probe)} examples do not fit in "
-                  f"--seq-len {seq_len} and are skipped", file=sys.stderr)
-
-
-def shard(b: PackedBatch, dist: plumbing.Dist) -> PackedBatch:
-    """This rank's rows of a global batch: rows rank, rank + world, ... (strided, so that every
-    rank gets rows of similar fullness). One process: the whole batch."""
-    if not dist.active:
-        return b
-    rows = slice(dist.rank, None, dist.world)
-    idx, tgt, pos, doc = (t[rows].contiguous() for t in (b.idx, b.targets, b.pos, b.doc))
-    return PackedBatch(idx, tgt, pos, doc, int((doc >= 0).sum()))
 
 
 def build_model(cfg: SFTConfig, run, train: dict, argv):
@@ -191,7 +165,12 @@ def main(argv=None):
         raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's context "
                          f"{model.cfg.max_seq_len}")
     fits(model.cfg, cfg, device)
-    check_fit(tok, train, cfg.seq_len)
+    # a conversation whose last answer cannot fit in a row (its prompt is cut from the left
+    # first) is dropped; too many dropped means --seq-len is too small
+    probes = {n: [ex for ex in exs[:256] if not isinstance(ex, TextExample)]
+              for n, exs in train.items()}
+    plumbing.check_fit("--seq-len", cfg.seq_len, {n: (sum(
+        sft_document(tok, [ex], cfg.seq_len) is None for ex in p), len(p)) for n, p in probes.items()})
     model.to(device).train()
     plumbing.print_config(cfg, "config")
     print(f"model: {model.describe()}; vocabulary {len(tok)}; device {device}, {dtype}; "
@@ -233,8 +212,9 @@ def main(argv=None):
     fwd, val_fwd = run.begin(model, optimizer, tok, init_weights, payload)
 
     def micro_step(last):
-        b = stream.next_batch()  # the global batch
-        mine = shard(b, dist)
+        b = stream.next_batch()  # the global batch; this rank trains on its own rows of it
+        idx, tgt, pos, doc = plumbing.my_rows(dist, b.idx, b.targets, b.pos, b.doc)
+        mine = PackedBatch(idx, tgt, pos, doc, int((doc >= 0).sum()))
         # DDP averages the ranks' gradients; weighting each rank's token mean by its share of
         # the global batch's tokens makes that average the global token mean
         scale = 1.0 if not dist.active else dist.world * int(

@@ -22,9 +22,50 @@ from tqdm import tqdm
 import plumbing
 from data import ChoiceItem, collate_choices, score_choices
 from inference.generate import generate
-from plumbing import UsageError
-from tasks import TaskError, resolve_tasks
+from plumbing import UsageError, opt
+from tasks import SYSTEM_PROMPTS, TaskError, resolve_tasks
 from tokenizer.chatml import render_prompt
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    """evaluate.py's flags for the inference-time alignment procedure."""
+    generate: str = opt("", "a user message: sample -n answers and rank them by reward")
+    generate_from: str = opt("", "a task with exact answers (synth/instruct): best-of-N on its "
+                                 "test prompts, exact match of four pickers (--max-examples "
+                                 "prompts, default 50)")
+    show: int = opt(3, "prompts whose samples --generate-from prints")
+    n: int = opt(8, "answers to sample with --generate", alias="-n")
+    max_new_tokens: int = opt(64, "longest sampled answer")
+    temperature: float = opt(0.8, "sampling temperature")
+    top_k: int = opt(0, "sample from the k most likely tokens (0: all)")
+    top_p: float = opt(0.95, "nucleus sampling mass")
+    system: str = opt(SYSTEM_PROMPTS["chat"], "system prompt for --generate")
+
+
+RANGES = {
+    "show": "[0, max]",
+    "n": "[1, 1024]",  # best-of-N: N answers decoded together, each with its KV cache
+    "max_new_tokens": "[1, 1048576]", "temperature": "[0, 10000]", "top_k": "[0, 2147483647]",
+    "top_p": "(0, 1]",
+}
+MIN_TEMPERATURE = 1e-4  # below it logits / T overflows float32: use 0, greedy decoding
+
+
+def validate(cfg, argv=None):
+    """The sampling flags, beyond their ranges."""
+    if 0 < cfg.temperature < MIN_TEMPERATURE:
+        raise UsageError(f"--temperature {cfg.temperature}: use 0 for greedy decoding, or at "
+                         f"least {MIN_TEMPERATURE}")
+    given = plumbing.explicit_flags(argv)
+    for name in ("generate", "generate_from"):
+        if name in given and not getattr(cfg, name, "").strip():
+            raise UsageError(f"--{name.replace('_', '-')}: empty "
+                             f"{'prompt' if name == 'generate' else 'task'}")
+    if cfg.generate and cfg.generate_from:
+        raise UsageError("--generate and --generate-from: pick one")
+    if (cfg.generate or cfg.generate_from) and not (cfg.dph or cfg.sft):
+        raise UsageError("--generate needs a checkpoint with a preference head: pass --dph")
 
 
 def generation_prompt(tok, system: str, user: str, ctx: int, max_new_tokens: int):

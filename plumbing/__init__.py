@@ -342,6 +342,14 @@ class DDP(torch.nn.parallel.DistributedDataParallel):
         return self.module.reward(hidden, index)
 
 
+def my_rows(dist: Dist, *tensors) -> list:
+    """This rank's rows of each (B, ...) tensor of a global batch: rows rank, rank + world, ...
+    (strided, so that every rank gets rows of similar fullness). One process: all of them."""
+    if not dist.active:
+        return list(tensors)
+    return [t[dist.rank::dist.world].contiguous() for t in tensors]
+
+
 def all_mean(values: dict, dist: Dist) -> dict:
     """Average floats over the ranks (for logging and the finite-loss check: every rank must
     see the same value and stop together)."""
@@ -554,6 +562,33 @@ def check_fits(nbytes: int, device: torch.device, what: str, hint: str):
     if nbytes > total:
         raise UsageError(f"{what} needs at least {nbytes / 2**30:,.1f} GiB, more than the "
                          f"{total / 2**30:,.1f} GiB of {device}; {hint}")
+
+
+def check_fit(flag: str, value: int, dropped: dict):
+    """Examples too long for `flag` are skipped. dropped: task -> (dropped, probed) over the
+    first examples of each task. When more than half of a task's would be dropped that is an
+    error (the flag is too small); when some would, a note."""
+    for name, (n, of) in dropped.items():
+        if 2 * n > of:
+            raise UsageError(f"{flag} {value} is too small for {name}: {n} of its first {of} "
+                             f"examples cannot fit their answers")
+        if n:
+            print(f"note: {name}: {n} of the first {of} examples do not fit in {flag} {value} "
+                  f"and are skipped", file=sys.stderr)
+
+
+def check_items_fit(mcfg, items: list, layout: str, rows: int, device, what: str, hint: str,
+                    backward: bool = True):
+    """`rows` items of the median length (prompt + answers as branches, or a padded row per
+    answer) in one forward (and backward) pass must fit in the device: a lower bound."""
+    if not items:
+        return
+    if layout == "shared":  # a row per item: the prompt once, then every branch
+        lengths = sorted(len(it.prompt) + sum(map(len, it.branches)) for it in items)
+    else:  # a row per answer
+        lengths = sorted(len(it.prompt) + max(map(len, it.branches)) for it in items)
+        rows *= min(len(it.branches) for it in items)
+    check_fits(batch_bytes(mcfg, rows, lengths[len(lengths) // 2], backward), device, what, hint)
 
 
 def check_out(path: str, overwrite: bool, marker: str = "config.json"):

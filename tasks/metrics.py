@@ -28,10 +28,14 @@ the mean over middle and high weighted by their test-set sizes, 1436 : 3498 ques
 Undefined values: MCC, Pearson and Spearman are 0.0 when a side is constant (a model that always
 answers the same has no correlation with the gold labels; sklearn does the same for MCC);
 F1 is 0.0 when there are no true positives; acc_stderr is nan for fewer than two examples.
+
+evaluate.py turns per-candidate readouts into the paper's table with predict (the argmax; a tie
+at the top counts as wrong), task_metrics, aggregates and format_table.
 """
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
@@ -208,3 +212,63 @@ def race_average(middle, high) -> float:
     m, h = task_score(middle), task_score(high)
     wm, wh = RACE_SIZES["middle"], RACE_SIZES["high"]
     return (wm * m + wh * h) / (wm + wh)
+
+
+# ----------------------------------------------------------------------------------------------
+# From per-candidate readouts to the paper's table (evaluate.py)
+
+
+def predict(scores, label: int) -> int:
+    """The argmax candidate; a tie at the top that includes the gold answer counts as wrong
+    (another tied candidate is predicted): identical candidates, or a head that gives several
+    answers the same reward, never score as correct by the order of the candidates."""
+    s = np.asarray(scores)
+    top = np.flatnonzero(s == s.max())
+    if len(top) > 1 and label in top:
+        return int(next(i for i in top if i != label))
+    return int(top[0])
+
+
+def task_metrics(spec, examples, scored, readout):
+    ties = sum(int(np.sum(np.asarray(s[readout]) == max(s[readout])) > 1) for s in scored)
+    if ties:
+        print(f"note: {spec.name}: {ties} of {len(scored)} examples have tied top {readout} "
+              f"scores (identical candidates?); a tie counts as wrong", file=sys.stderr)
+    pred = np.array([predict(s[readout], s["label"]) for s in scored])
+    gold = np.array([s["label"] for s in scored])
+    ex0 = examples[0]
+    values = None
+    if "pearson" in spec.metrics or "spearman" in spec.metrics:
+        values = np.array([examples[s["index"]].value for s in scored], dtype=float)
+    cands = getattr(ex0, "candidates", None) or []
+    positive = cands.index("yes") if "yes" in cands else 1
+    m = compute(spec.metrics or ("acc",), pred, gold, values=values, positive=positive)
+    correct = (pred == gold).astype(float)
+    m.setdefault("acc", float(correct.mean()))
+    m["acc_stderr"] = acc_stderr(correct)
+    m["score"] = task_score({k: v for k, v in m.items() if k in (spec.metrics or ("acc",))})
+    return m
+
+
+def aggregates(per_task: dict) -> dict:
+    """Mean over all tasks, plus the paper's aggregates for whichever groups are present."""
+    out = {"average": float(np.mean(list(per_task.values())))} if per_task else {}
+    glue = glue_score(per_task)
+    if glue is not None:
+        out["glue"] = glue
+    g4 = gpt4all_average(per_task)
+    if g4 is not None:
+        out["gpt4all"] = g4
+    if "race/middle" in per_task and "race/high" in per_task:
+        out["race"] = race_average(per_task["race/middle"], per_task["race/high"])
+    return out
+
+
+def format_table(table: dict, columns: list) -> str:
+    short = [c.split("/")[-1][:11] for c in columns]
+    w = [max(6, len(s)) for s in short]
+    lines = ["model  " + "  ".join(s.rjust(n) for s, n in zip(short, w))]
+    for row, vals in table.items():
+        lines.append(f"{row:<6} " + "  ".join(
+            (f"{100 * vals[c]:.1f}" if c in vals else "-").rjust(n) for c, n in zip(columns, w)))
+    return "\n".join(lines)

@@ -20,6 +20,7 @@ import torch
 
 import plumbing
 import evaluate
+from tasks import metrics
 import train_dph
 import train_sft
 from plumbing.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_train_state
@@ -192,9 +193,9 @@ def test_checkpoint_files_respect_the_umask(tmp_path, make_model, tok):
 
 
 def test_a_tie_at_the_top_counts_as_wrong():
-    assert evaluate.predict([1.0, 1.0, 0.0], 0) == 1  # the gold answer ties: wrong
-    assert evaluate.predict([1.0, 1.0, 0.0], 2) == 0
-    assert evaluate.predict([0.0, 2.0, 1.0], 1) == 1
+    assert metrics.predict([1.0, 1.0, 0.0], 0) == 1  # the gold answer ties: wrong
+    assert metrics.predict([1.0, 1.0, 0.0], 2) == 0
+    assert metrics.predict([0.0, 2.0, 1.0], 1) == 1
 
 
 @pytest.mark.parametrize("record,expected", [
