@@ -104,8 +104,9 @@ class TaskSampler:
             out.append(self.examples[name][self.order[name].pop()])
         return out
 
-    def state_dict(self):
-        return {"rng": self.rng.getstate(), "order": self.order, "epoch": self.epoch}
+    def state_dict(self):  # plain lists: torch.load(weights_only=True) reads them back
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "order": self.order, "epoch": self.epoch}
 
     def load_state_dict(self, s):
         st = s["rng"]
@@ -158,10 +159,6 @@ class SFTStream:
         self.stats["capacity"] += self.batch_size * self.seq_len
         self.stats["documents"] += sum(len(r) for r in rows)
         return batch
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
 
     @property
     def efficiency(self) -> float:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -30,9 +29,8 @@ from tasks import metrics as M
 import plumbing
 from data import collate_choices, eval_items, score_choices
 from inference import best_of_n
-from plumbing import UsageError, opt
+from plumbing import UsageError, inputs, opt
 from tasks import MissingSplit, resolve_tasks
-from tokenizer.chatml import render_prompt
 
 ROWS = (("SFT", "sft", "lm_mean"), ("DPO", "dph", "lm_mean"), ("DPH", "dph", "reward"))
 
@@ -83,7 +81,7 @@ def score_task(model, tok, examples, cfg, device, dtype, has_head):
     except ValueError as e:  # an answer longer than the context: every candidate must be scored
         raise UsageError(f"{e} (the model's context); scoring without it would change the "
                          f"task, so drop the example (or use --max-examples)") from None
-    note_cut_prompts(tok, examples, items, ctx)
+    inputs.note_cut_prompts(tok, examples, items, ctx)
     plumbing.check_items_fit(model.cfg, items, cfg.layout, min(cfg.batch_size, len(items)),
                              device, f"--batch-size {cfg.batch_size} examples of "
                              f"{examples[0].task}", "lower --batch-size", backward=False)
@@ -111,28 +109,6 @@ def score_task(model, tok, examples, cfg, device, dtype, has_head):
     return out
 
 
-def check_kind(key: str, path: str, model):
-    """--dph must hold a preference head (its rows are the DPO and DPH rows); --sft given a
-    DPH checkpoint is scored by its language model, with a note."""
-    if key == "dph" and model.head is None:
-        raise UsageError(f"--dph {path}: no preference head (an SFT checkpoint?); pass it as "
-                         f"--sft, or train a head on it with train_dph.py")
-    if key == "sft" and model.head is not None:
-        print(f"note: --sft {path} has a preference head (a DPH checkpoint): the SFT row reads "
-              f"its language model", file=sys.stderr)
-
-
-def note_cut_prompts(tok, examples, items, max_len):
-    """A note when prompts had to be cut from the left to fit the model's context (as in
-    training: after <bos>, so the oldest tokens go first, see data._truncate_prompt)."""
-    cut = [it for it in items if len(it.prompt) + max(map(len, it.branches)) == max_len
-           and len(it.prompt) < len(render_prompt(tok, examples[it.ref].messages))]
-    if cut:
-        print(f"note: {examples[0].task}: {len(cut)} of {len(items)} prompts are longer than the "
-              f"model's context {max_len} with their answers and lose their first tokens",
-              file=sys.stderr)
-
-
 def main(argv=None):
     cfg, _ = plumbing.parse_config(EvalConfig, __doc__.splitlines()[0], argv)
     validate(cfg, argv)
@@ -149,7 +125,7 @@ def main(argv=None):
         if path:
             # a checkpoint, or a pretrained .gguf / Hugging Face directory (its zero-shot LM)
             m, conf, tok = plumbing.load_init(path, device)
-            check_kind(key, path, m)
+            inputs.check_kind(key, path, m)
             models[key] = (m.eval(), tok, conf)
     if not models:
         raise UsageError("nothing to evaluate: pass --sft and/or --dph")

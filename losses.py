@@ -73,7 +73,7 @@ def _smoothed_logistic(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _reward_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> Metrics:
+def reward_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> Metrics:
     r_chosen, r_rejected = _upcast(r_chosen.detach()), _upcast(r_rejected.detach())
     return {
         "rewards/chosen": r_chosen.mean(),
@@ -108,7 +108,7 @@ def separable_dph_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
     r_w, r_l = _upcast(r_chosen), _upcast(r_rejected)
     loss = (_smoothed_logistic(r_w, label_smoothing).mean()
             + _smoothed_logistic(-r_l, label_smoothing).mean())
-    return loss, _reward_metrics(r_chosen, r_rejected)
+    return loss, reward_metrics(r_chosen, r_rejected)
 
 
 def contrastive_dph_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
@@ -131,7 +131,7 @@ def contrastive_dph_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
     _check_pair(r_chosen, r_rejected)
     margin = _upcast(r_chosen) - _upcast(r_rejected)  # (B,)
     loss = _smoothed_logistic(margin, label_smoothing).mean()
-    return loss, _reward_metrics(r_chosen, r_rejected)
+    return loss, reward_metrics(r_chosen, r_rejected)
 
 
 def dph_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, kind: str = "separable",
@@ -183,7 +183,7 @@ def listwise_dph_loss(rewards: torch.Tensor, n_candidates, label_smoothing: floa
     chosen = torch.repeat_interleave(first, k - 1)
     rejected = torch.tensor([i for s, n in zip(first.tolist(), sizes) for i in range(s + 1, s + n)],
                             device=r.device, dtype=torch.long)
-    return loss, _reward_metrics(rewards[chosen], rewards[rejected])
+    return loss, reward_metrics(rewards[chosen], rewards[rejected])
 
 
 def items_dph_loss(rewards: torch.Tensor, n_candidates, kind: str = "contrastive",
@@ -291,7 +291,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     chosen = _upcast(policy_chosen_logps) - _upcast(ref_chosen_logps)  # (B,)
     rejected = _upcast(policy_rejected_logps) - _upcast(ref_rejected_logps)  # (B,)
     loss = _smoothed_logistic(beta * (chosen - rejected), label_smoothing).mean()
-    return loss, _reward_metrics(beta * chosen, beta * rejected)
+    return loss, reward_metrics(beta * chosen, beta * rejected)
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor,

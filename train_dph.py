@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
-import sys
 import time
 from dataclasses import dataclass
 
@@ -33,21 +32,16 @@ from tqdm import tqdm
 import plumbing
 from data import REJECTED, TaskSampler, collate_choices, make_pairs, score_choices
 from losses import (CONTRAST_KINDS, decayed_parameters, dpo_loss, items_dph_loss, pair_index,
-                    prior_regularization, reward_penalty)
+                    prior_regularization, reward_metrics, reward_penalty)
 from model import PreferenceHead
-from plumbing import RunConfig, UsageError, opt
+from plumbing import RunConfig, UsageError, inputs, opt
 from plumbing.frozen import StateCache, cached_pair_loss, cached_validation
-from tasks import InstructionExample, TaskError, resolve_tasks
-from tasks.noise import apply_label_noise
-
-PAIR_KINDS = ("choice", "preference", "instruction")  # instructions: those with distractors
-
+from tasks import TaskError
 
 @dataclass
 class DPHConfig(RunConfig):
     """The flags of this stage; RunConfig (plumbing/) has those both trainers share."""
-    init: str = opt("out/sft", "SFT checkpoint to start from, or a pretrained .gguf file or "
-                                "Hugging Face model directory")
+    init: str = opt("out/sft", "SFT checkpoint, or a pretrained .gguf / Hugging Face directory")
     out: str = opt("out/dph", "output checkpoint directory")
     tasks: str = opt("", "tasks and mixtures (default: the SFT checkpoint's tasks)")
     loss: str = opt("contrastive", "DPH objective (the authors' code defaults to separable, which "
@@ -58,19 +52,17 @@ class DPHConfig(RunConfig):
                                    "(chosen, wrong) its own pair; the same for 2 candidates",
                         list(CONTRAST_KINDS))
     dph_weight: float = opt(1.0, "w_dph, weight of the DPH loss in the alignment loss")
-    dpo_weight: float = opt(1.0, "w_dpo, weight of the joint cDPO term on the LM (0: off, no "
-                                 "reference)")
+    dpo_weight: float = opt(1.0, "w_dpo, weight of the joint cDPO term (0: off, no reference)")
     rejected: str = opt("all", "rejected answers per item: all wrong candidates (beyond the "
                                "paper), or one drawn afresh at each visit (the paper)",
                         list(REJECTED))
     beta: float = opt(0.1, "β of the cDPO term")
     dpo_label_smoothing: float = opt(0.1, "ε of the cDPO term")
     reward_penalty: float = opt(0.0, "λ of the optional reward penalty (not in the paper)")
-    reward_penalty_kind: str = opt("squared", "λ·mean(r_w²+r_l²) or λ·mean((r_w+r_l)²)",
+    reward_penalty_kind: str = opt("squared", "λ·mean(r_w²+r_l²) | λ·mean((r_w+r_l)²)",
                                    ["squared", "sum"])
     freeze_backbone: bool = opt(False, "train the head only")
-    new_head: bool = opt(False, "--init of a DPH checkpoint: replace its head with a fresh one "
-                                "(default: continue training it)")
+    new_head: bool = opt(False, "--init of a DPH checkpoint: replace its trained head")
     pooler: str = opt("identity", "head pooler (the authors' released model: swiglu)",
                       list(PreferenceHead.POOLERS))
     pooler_dropout: float = opt(0.0, "dropout inside the pooler")
@@ -118,26 +110,6 @@ def validate(cfg: DPHConfig, argv=None):
                          "--freeze-backbone): there is nothing to train")
 
 
-def continue_head(model, cfg: DPHConfig, argv=None):
-    """A fresh head on an SFT checkpoint. An --init that has a head (a DPH checkpoint) keeps it
-    and trains it further, with a note, unless --new-head; a --pooler that differs from the
-    head's is an error then (it cannot apply to a trained head)."""
-    if model.head is None or cfg.new_head:
-        if model.head is not None:
-            print(f"note: --new-head: the trained head of {cfg.init} is replaced by a fresh "
-                  f"{cfg.pooler} head", file=sys.stderr)
-        model.add_head(cfg.pooler, cfg.pooler_dropout)
-        return
-    kind = model.head_cfg.get("pooler")
-    if "pooler" in plumbing.explicit_flags(argv) and cfg.pooler != kind:
-        raise UsageError(f"--pooler {cfg.pooler}: --init {cfg.init} has a trained {kind} head; "
-                         f"pass --new-head to replace it")
-    model.head.dropout.p = cfg.pooler_dropout
-    model.head_cfg["dropout"] = cfg.pooler_dropout
-    print(f"note: --init {cfg.init} has a trained {kind} head: training continues from it "
-          f"(--new-head starts a fresh one)", file=sys.stderr)
-
-
 def pair_loss(model, ref, batch, cfg, device, dtype, use_dpo):
     """The alignment loss w_dph·L_DPH + w_dpo·L_cDPO of one batch: chosen and rejected answers go
     through one forward pass; return (loss, metrics)."""
@@ -166,63 +138,14 @@ def pair_loss(model, ref, batch, cfg, device, dtype, use_dpo):
 
 @torch.no_grad()
 def validation_rewards(model, items, cfg, device, dtype, end_id):
-    """Reward accuracy and margin on fixed validation pairs."""
+    """Reward accuracy and margin on fixed (chosen, rejected) validation pairs."""
     model.eval()
-    chosen, rejected = [], []
-    for i in range(0, len(items), cfg.batch_size):
-        b = collate_choices(items[i:i + cfg.batch_size], cfg.layout, 0,
-                             end_id=end_id).to(device)
-        with plumbing.autocast(device, dtype):
-            r = score_choices(model, b, rewards=True, logps=False)["rewards"].float().view(-1, 2)
-        chosen.append(r[:, 0])
-        rejected.append(r[:, 1])
+    with plumbing.autocast(device, dtype):
+        r = torch.cat([score_choices(model, collate_choices(
+            items[i:i + cfg.batch_size], cfg.layout, 0, end_id=end_id).to(device), logps=False)[
+            "rewards"].float().view(-1, 2) for i in range(0, len(items), cfg.batch_size)])
     model.train()
-    c, r = torch.cat(chosen), torch.cat(rejected)
-    return {"rewards/chosen": c.mean().item(), "rewards/rejected": r.mean().item(),
-            "rewards/accuracies": (c > r).float().mean().item(),
-            "rewards/margins": (c - r).mean().item(), "pairs": len(c)}
-
-
-def load_data(cfg: DPHConfig, model, tok, prior: dict, device):
-    """The pair-making tasks (--tasks, or those the SFT checkpoint was trained on), their
-    training examples, fixed validation pairs and a fixed sample of training pairs (reward
-    accuracy before and after). Returns (specs, train, val_items, train_items, max_len)."""
-    tasks = cfg.tasks or ",".join(prior.get("sft", {}).get("tasks", ["builtin"]))
-    specs = [s for s in resolve_tasks(tasks) if s.kind in PAIR_KINDS]
-    if not specs:
-        raise UsageError(f"--tasks {tasks}: no choice or preference task to make pairs from")
-    if cfg.max_len > model.cfg.max_seq_len:
-        raise UsageError(f"--max-len {cfg.max_len} exceeds the model's context "
-                         f"{model.cfg.max_seq_len}")
-    max_len = cfg.max_len or model.cfg.max_seq_len
-    train = plumbing.load_split(specs, "train", cfg.data_dir, cfg.data_seed,
-                                limit=cfg.max_examples)
-    # instruction data makes pairs only where it knows wrong answers (synth/instruct does)
-    plain = [n for n, exs in train.items() if exs and isinstance(exs[0], InstructionExample)
-             and not any(ex.distractors for ex in exs)]
-    train = {n: exs for n, exs in train.items() if n not in plain}
-    specs = [s for s in specs if s.name not in plain]
-    if not specs:
-        raise UsageError(f"--tasks {tasks}: no choice or preference task to make pairs from")
-    if cfg.label_noise:
-        train = {k: apply_label_noise(v, cfg.label_noise, cfg.seed) for k, v in train.items()}
-    # pairs whose answers cannot fit in max_len (after cutting the prompt from the left) are
-    # skipped; too many skipped means --max-len is too small. A micro-batch must fit in memory.
-    probes = {n: make_pairs(tok, exs[:256], random.Random(0), max_len) for n, exs in train.items()}
-    plumbing.check_fit("--max-len", max_len, {n: (min(256, len(train[n])) - len(p), min(
-        256, len(train[n]))) for n, p in probes.items()})
-    plumbing.check_items_fit(model.cfg, [it for p in probes.values() for it in p], cfg.layout,
-                             cfg.batch_size, device, f"one micro-batch of --batch-size "
-                             f"{cfg.batch_size} pairs", "lower it (--grad-accum keeps the batch)")
-    val = plumbing.trained_only(plumbing.load_split(specs, "validation", cfg.data_dir,
-                                                    cfg.data_seed, required=False), train)
-    val_exs = [ex for exs in val.values() for ex in exs]
-    random.Random(cfg.seed).shuffle(val_exs)
-    val_items = make_pairs(tok, val_exs, random.Random(12345), max_len)[:cfg.eval_pairs]
-    train_exs = [ex for exs in train.values() for ex in exs]
-    random.Random(cfg.seed + 2).shuffle(train_exs)
-    train_items = make_pairs(tok, train_exs[:cfg.eval_pairs], random.Random(54321), max_len)
-    return specs, train, val_items, train_items, max_len
+    return {**{k: v.item() for k, v in reward_metrics(r[:, 0], r[:, 1]).items()}, "pairs": len(r)}
 
 
 def main(argv=None):
@@ -233,10 +156,10 @@ def main(argv=None):
         (model, tok), prior = run.resumed_model(), run.state["prior"]
     else:
         model, prior, tok = plumbing.load_init(cfg.init)  # the tokenizer and shape come along
-    specs, train, val_items, train_items, max_len = load_data(cfg, model, tok, prior, device)
+    specs, train, val_items, train_items, max_len = inputs.dph_data(cfg, model, tok, prior, device)
     if run.state is None:
         model.set_dropout(0.0)  # off in this stage (pooler dropout is the head's own)
-        continue_head(model, cfg, argv)
+        inputs.continue_head(model, cfg, argv)
     model.to(device).train()
     use_dpo = cfg.dpo_weight > 0 and not cfg.freeze_backbone
     if cfg.freeze_backbone:
@@ -250,11 +173,8 @@ def main(argv=None):
         if cfg.freeze_backbone and not dist.active else None
     # cDPO's frozen reference π_ref: a copy of the starting LM
     ref = copy.deepcopy(model.lm).eval().requires_grad_(False) if use_dpo else None
-    plumbing.print_config(cfg, "config")
-    print(f"model: {model.describe()}; tasks: {', '.join(s.name for s in specs)}; "
-          f"{sum(map(len, train.values()))} training examples; device {device}, {dtype}" +
-          (f"; {dist.world} processes ({dist.backend}), global batch {run.global_batch} pairs"
-           if dist.active else ""))
+    run.announce(model, f"tasks: {', '.join(s.name for s in specs)}; "
+                        f"{sum(map(len, train.values()))} training examples", "pairs")
 
     # The starting weights (SFT backbone + fresh head), stored for --resume so that it does not
     # depend on --init staying put: the backbone's anchors of the prior regularisation.
@@ -279,11 +199,9 @@ def main(argv=None):
         seen.update(pairs=run.state["pairs"], validation=run.state["validation"])
 
     def payload(done):  # what resume.pt and config.json hold besides the shared keys
-        sampler_state = sampler.state_dict()
-        sampler_state["rng"] = plumbing.plain_random_state(sampler.rng)
         summary = {"tasks": [s.name for s in specs], "pairs": seen["pairs"],
                    "validation": seen["validation"]}
-        return ({"head": model.head_cfg, "data": sampler_state, "prior": prior,
+        return ({"head": model.head_cfg, "data": sampler.state_dict(), "prior": prior,
                  "pair_rng": plumbing.plain_random_state(pair_rng), "pairs": seen["pairs"],
                  "validation": seen["validation"]},
                 summary, {"stage": "dph", "sft": prior.get("sft", {}),

@@ -12,7 +12,6 @@ and pulls the weights toward that starting point (prior regularisation, λ = --p
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass
 
@@ -22,12 +21,12 @@ from tqdm import tqdm
 import plumbing
 from data import PackedBatch, SFTStream
 from losses import decayed_parameters, prior_regularization, sft_loss
-from model import DPHModel, attention_mask, padded_vocab, preset
-from plumbing import RunConfig, UsageError, opt
-from tasks import TextExample, resolve_tasks
+from model import attention_mask, preset
+from plumbing import RunConfig, UsageError, inputs, opt
+from tasks import resolve_tasks
 from tasks.noise import apply_label_noise
-from tokenizer.chat import SPECIALS, ChatTokenizer, training_text
-from tokenizer.chatml import IGNORE, sft_document
+from tokenizer.chat import SPECIALS
+from tokenizer.chatml import IGNORE
 
 
 @dataclass
@@ -104,48 +103,6 @@ def step_loss(model, b, device, dtype):
     return sft_loss(out.logits.float(), tgt[where])
 
 
-def build_model(cfg: SFTConfig, run, train: dict, argv):
-    """(model, tokenizer): the resumed run's, the --init checkpoint's, or a new model of --preset
-    with a byte-level BPE trained on the training text (or --tokenizer)."""
-    dist = run.dist
-    if run.state is not None:
-        return run.resumed_model()
-    if cfg.init:  # continue from a checkpoint: its tokenizer and shape come along
-        model, prior, tok = plumbing.load_init(cfg.init)
-        inherited = prior.get("sft", {})
-        print(f"continuing from {cfg.init} ({inherited.get('tasks', 'unknown tasks')})")
-        ignored = sorted({"preset", "vocab_size"} & plumbing.explicit_flags(argv))
-        if ignored:
-            print(f"note: --init: the model's shape and tokenizer come from {cfg.init}; "
-                  f"{', '.join('--' + n.replace('_', '-') for n in ignored)} not used",
-                  file=sys.stderr)
-        if model.head is not None:  # SFT trains the LM; a stale head must not ride along
-            print(f"note: --init {cfg.init} has a preference head; SFT trains the language "
-                  f"model only, so the head is dropped (train_dph.py adds a new one)",
-                  file=sys.stderr)
-            model.head, model.head_cfg = None, None
-        if "dropout" in plumbing.explicit_flags(argv):
-            model.set_dropout(cfg.dropout)
-        return model, tok
-    if cfg.tokenizer:
-        tok = ChatTokenizer.from_pretrained_files(cfg.tokenizer)
-    else:
-        texts = [t for exs in train.values() for t in training_text(exs)] if dist.main else []
-        tok = ChatTokenizer.train(texts, cfg.vocab_size) if dist.main else None
-        if dist.active:  # trained once, on rank 0, so every rank surely has the same vocabulary
-            tok = ChatTokenizer.from_json(plumbing.broadcast_object(
-                tok.to_json() if dist.main else None, dist))
-    mcfg = preset(cfg.preset, vocab_size=max(padded_vocab(len(tok)), preset(cfg.preset).vocab_size
-                                             if cfg.preset == "paper" else 0),
-                  dropout=cfg.dropout)
-    if cfg.seq_len > mcfg.max_seq_len:
-        print(f"note: --seq-len {cfg.seq_len} is longer than the {cfg.preset} preset's "
-              f"context {mcfg.max_seq_len}: the new model's context is {cfg.seq_len}",
-              file=sys.stderr)
-        mcfg = dataclasses.replace(mcfg, max_seq_len=cfg.seq_len)
-    return DPHModel(mcfg), tok
-
-
 def main(argv=None):
     run = plumbing.open_run(SFTConfig, __doc__.splitlines()[0], validate, argv)
     cfg, dist, device, dtype = run.cfg, run.dist, run.device, run.dtype
@@ -160,23 +117,14 @@ def main(argv=None):
     val = plumbing.trained_only(plumbing.load_split(specs, "validation", cfg.data_dir,
                                                     cfg.data_seed, limit=200, required=False),
                                 train)
-    model, tok = build_model(cfg, run, train, argv)
+    model, tok = inputs.sft_model(cfg, run, train, argv)
     if cfg.seq_len > model.cfg.max_seq_len:
         raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's context "
                          f"{model.cfg.max_seq_len}")
     fits(model.cfg, cfg, device)
-    # a conversation whose last answer cannot fit in a row (its prompt is cut from the left
-    # first) is dropped; too many dropped means --seq-len is too small
-    probes = {n: [ex for ex in exs[:256] if not isinstance(ex, TextExample)]
-              for n, exs in train.items()}
-    plumbing.check_fit("--seq-len", cfg.seq_len, {n: (sum(
-        sft_document(tok, [ex], cfg.seq_len) is None for ex in p), len(p)) for n, p in probes.items()})
+    inputs.check_sft_fit(tok, train, cfg.seq_len)
     model.to(device).train()
-    plumbing.print_config(cfg, "config")
-    print(f"model: {model.describe()}; vocabulary {len(tok)}; device {device}, {dtype}; "
-          f"data ready in {time.time() - t0:.1f}s" +
-          (f"; {dist.world} processes ({dist.backend}), global batch {run.global_batch} rows"
-           if dist.active else ""))
+    run.announce(model, f"vocabulary {len(tok)}; data ready in {time.time() - t0:.1f}s", "rows")
 
     # Every rank draws the same global batch and trains on its own rows of it, so the run is the
     # same (up to float rounding) for any number of processes with the same global batch.
@@ -201,12 +149,10 @@ def main(argv=None):
         seen["tokens"] = run.state["tokens"]
 
     def payload(done):  # what resume.pt and config.json hold besides the shared keys
-        data = stream.state_dict()
-        data["sampler"]["rng"] = plumbing.plain_random_state(stream.sampler.rng)
         summary = {"tasks": [s.name for s in specs], "tokens": seen["tokens"],
                    "packing_efficiency": round(stream.efficiency, 4),
                    "dropped_documents": stream.stats["dropped"]}
-        return ({"data": data, "tokens": seen["tokens"],
+        return ({"data": stream.state_dict(), "tokens": seen["tokens"],
                  "val_data": val_stream.state_dict() if val_stream is not None else None},
                 summary, {"stage": "sft", "sft": dataclasses.asdict(cfg)})
     fwd, val_fwd = run.begin(model, optimizer, tok, init_weights, payload)

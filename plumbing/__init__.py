@@ -790,6 +790,14 @@ class Run:
         print(f"resuming {self.cfg.out} at step {s['step']} of {self.cfg.max_steps}")
         return model, tok
 
+    def announce(self, model, what: str, unit: str):
+        """The config and a line on the model, the data, the device and the processes."""
+        print_config(self.cfg, "config")
+        dist = self.dist
+        print(f"model: {model.describe()}; {what}; device {self.device}, {self.dtype}" + (
+            f"; {dist.world} processes ({dist.backend}), global batch {self.global_batch} {unit}"
+            if dist.active else ""))
+
     def begin(self, model, optimizer, tok, init_weights, payload):
         """Restore model, optimiser and RNGs of a resumed run; per-rank seeds; the DDP wrapper
         (and torch.compile); rank 0 prepares --out and opens metrics.jsonl. `payload(done)` ->

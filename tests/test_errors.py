@@ -215,16 +215,17 @@ def test_duplicate_answers_in_user_data_are_refused(tmp_path, record, expected):
 
 def test_generation_prompt_keeps_the_system_prompt_and_user_header(tok):
     from inference.best_of_n import generation_prompt
+    from tokenizer.chatml import render_prompt
     system, user = "You are a helpful assistant.", "word " * 500
     prompt, max_new = generation_prompt(tok, system, user, 256, 64)
     assert len(prompt) + max_new + 1 <= 256 and max_new == 64
-    head = evaluate.render_prompt(tok, [{"role": "system", "content": system}])[:-1 - len(
+    head = render_prompt(tok, [{"role": "system", "content": system}])[:-1 - len(
         tok.piece("assistant\n"))] + [tok.im_start] + tok.piece("user\n")
     assert prompt[:len(head)] == head
     assert prompt[-1 - len(tok.piece("assistant\n")):] == [tok.im_start] + tok.piece(
         "assistant\n")
     short, _ = generation_prompt(tok, system, "Hello there", 256, 64)
-    assert short == evaluate.render_prompt(tok, [{"role": "system", "content": system},
+    assert short == render_prompt(tok, [{"role": "system", "content": system},
                                                  {"role": "user", "content": "Hello there"}])
 
 
