@@ -153,10 +153,11 @@ def main(argv=None):
                             added={"contrast": "pairs"})  # runs from before --contrast
     cfg, dist, device, dtype = run.cfg, run.dist, run.device, run.dtype
     if run.state is not None:  # the run's own tokenizer, model with head, starting weights
-        (model, tok), prior = run.resumed_model(), run.state["prior"]
-    else:
-        model, prior, tok = plumbing.load_init(cfg.init)  # the tokenizer and shape come along
-    specs, train, val_items, train_items, max_len = inputs.dph_data(cfg, model, tok, prior, device)
+        (model, tok), init_config = run.resumed_model(), run.state["prior"]
+    else:  # init_config: the --init checkpoint's config.json (its SFT settings and tasks)
+        model, init_config, tok = plumbing.load_init(cfg.init)
+    specs, train, val_items, train_items, max_len = inputs.dph_data(cfg, model, tok,
+                                                                    init_config, device)
     if run.state is None:
         model.set_dropout(0.0)  # off in this stage (pooler dropout is the head's own)
         inputs.continue_head(model, cfg, argv)
@@ -201,11 +202,11 @@ def main(argv=None):
     def payload(done):  # what resume.pt and config.json hold besides the shared keys
         summary = {"tasks": [s.name for s in specs], "pairs": seen["pairs"],
                    "validation": seen["validation"]}
-        return ({"head": model.head_cfg, "data": sampler.state_dict(), "prior": prior,
+        return ({"head": model.head_cfg, "data": sampler.state_dict(), "prior": init_config,
                  "pair_rng": plumbing.plain_random_state(pair_rng), "pairs": seen["pairs"],
                  "validation": seen["validation"]},
-                summary, {"stage": "dph", "sft": prior.get("sft", {}),
-                          **({"pretrained": prior["pretrained"]} if "pretrained" in prior else {}),
+                summary, {"stage": "dph", "sft": init_config.get("sft", {}),
+                          **{k: init_config[k] for k in ("pretrained",) if k in init_config},
                           "dph": dataclasses.asdict(cfg)})
     fwd, val_fwd = run.begin(model, optimizer, tok, init_weights, payload)
 

@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from plumbing.checkpoint import (CONFIG, RESUME, TOKENIZER, CheckpointError, atomic_write,
-                                 load_checkpoint, load_train_state, save_checkpoint,
+                                 check_vocab, load_checkpoint, load_train_state, save_checkpoint,
                                  save_train_state, state_digest)
 
 
@@ -507,13 +507,6 @@ def load_init(path: str, device="cpu"):
         raise CheckpointError(f"{f}: not a usable tokenizer ({first})") from None
     check_vocab(tok, model.cfg.vocab_size, f)
     return model, config, tok
-
-
-def check_vocab(tok, vocab_size: int, where: str):
-    """A token id past the embedding table would index out of range mid-run: refuse up front."""
-    if len(tok) > vocab_size:
-        raise CheckpointError(f"{where}: {len(tok)} tokens, but the model has {vocab_size} "
-                              f"embedding rows (a tokenizer of another model?)")
 
 
 RUN_FILES = ("metrics.jsonl", "resume.pt")  # besides the marker: what marks a previous run

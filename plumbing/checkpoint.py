@@ -205,6 +205,13 @@ def load_checkpoint(path, device="cpu") -> tuple:
     return model.to(device), config
 
 
+def check_vocab(tok, vocab_size: int, where: str):
+    """A token id past the embedding table would index out of range mid-run: refuse up front."""
+    if len(tok) > vocab_size:
+        raise CheckpointError(f"{where}: {len(tok)} tokens, but the model has {vocab_size} "
+                              f"embedding rows (a tokenizer of another model?)")
+
+
 def save_train_state(path, state: dict):
     """Write `state` (tensors and plain Python types only) to path/resume.pt in one atomic
     replace: a kill leaves the previous resume.pt or the new one, never a mix of steps."""

@@ -49,8 +49,8 @@ def continue_head(model, cfg, argv=None):
 def init_lm(cfg, argv=None):
     """train_sft.py --init: (model, tokenizer) of the checkpoint or pretrained model to continue
     from; its shape and tokenizer come along, and a preference head it has is dropped."""
-    model, prior, tok = load_init(cfg.init)
-    inherited = prior.get("sft", {})
+    model, init_config, tok = load_init(cfg.init)
+    inherited = init_config.get("sft", {})
     print(f"continuing from {cfg.init} ({inherited.get('tasks', 'unknown tasks')})")
     ignored = sorted({"preset", "vocab_size"} & explicit_flags(argv))
     if ignored:
@@ -103,11 +103,11 @@ def check_sft_fit(tok, train: dict, seq_len: int):
                                             for ex in p), len(p)) for n, p in probes.items()})
 
 
-def dph_data(cfg, model, tok, prior: dict, device):
+def dph_data(cfg, model, tok, init_config: dict, device):
     """The pair-making tasks (--tasks, or those the SFT checkpoint was trained on), their
     training examples, fixed validation pairs and a fixed sample of training pairs (reward
     accuracy before and after). Returns (specs, train, val_items, train_items, max_len)."""
-    tasks = cfg.tasks or ",".join(prior.get("sft", {}).get("tasks", ["builtin"]))
+    tasks = cfg.tasks or ",".join(init_config.get("sft", {}).get("tasks", ["builtin"]))
     specs = [s for s in resolve_tasks(tasks) if s.kind in PAIR_KINDS]
     if not specs:
         raise UsageError(f"--tasks {tasks}: no choice or preference task to make pairs from")

@@ -49,7 +49,7 @@ def _build(cfg, parts, tok, added: int, src, ignore=()):
     get embedding rows: the mean of the others, so their logits start ordinary."""
     import dataclasses
 
-    from plumbing import check_vocab
+    from plumbing.checkpoint import check_vocab
     from model import DPHModel, padded_vocab
     from .convert import state_dict
     src.check_all_used(ignore)

@@ -77,7 +77,7 @@ def test_render_exact_ids_and_masks(tok):
     assert r.ids[a0:end] == ans_c and r.ids[end] == tok.im_end
     assert [i for i, t in enumerate(r.train) if t] == span(a0, len(ans_c) + 1)  # content + im_end
     assert [i for i, s in enumerate(r.score) if s] == span(a0, len(ans_c))  # content only
-    assert r.pool == end
+    assert r.last_end == end
     assert len(r.train) == len(r.score) == len(r.ids)
 
 
@@ -98,7 +98,7 @@ def test_multi_turn_masks_zero_outside_assistant_spans(tok):
         assert r.ids[e + 1:e + 1 + len(nl)] == nl and not any(r.train[e + 1:e + 1 + len(nl)])
     # score mask and pool index: the last assistant message only
     assert [i for i, s in enumerate(r.score) if s] == span(ends[4] - len(a2), len(a2))
-    assert r.pool == ends[4]
+    assert r.last_end == ends[4]
     # and in the SFT document the targets are ignored exactly outside those spans
     doc = sft_document(tok, [InstructionExample("t", msgs[:4], msgs[4]["content"])], 512)
     trained_targets = [t for t, y in enumerate(doc.targets) if y != IGNORE]
@@ -122,7 +122,7 @@ def test_prompt_and_answer_pieces_concatenate(tok, answer):
     nl = tok.encode("\n")
     pieces = render_prompt(tok, msgs) + answer_branch(tok, answer)
     assert pieces == full.ids[:-len(nl)]
-    assert pieces[-1] == tok.im_end and full.pool == len(pieces) - 1
+    assert pieces[-1] == tok.im_end and full.last_end == len(pieces) - 1
 
 
 # ----------------------------------------------------------------------------------------------

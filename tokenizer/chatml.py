@@ -29,7 +29,7 @@ class Rendered:
     ids: list
     train: list  # bool per token: assistant content + its <|im_end|>
     score: list  # bool per token: the last assistant message's content
-    pool: int  # index of the last assistant message's <|im_end|>, -1 if none
+    last_end: int  # index of the last assistant message's <|im_end|>, -1 if none
 
 
 def render_message(tok: ChatTokenizer, msg: dict):
@@ -50,17 +50,17 @@ def render_message(tok: ChatTokenizer, msg: dict):
 
 def render(tok: ChatTokenizer, messages: list) -> Rendered:
     n = len(tok.prefix)  # <bos>, unless the vocabulary adds none
-    ids, train, score, pool = list(tok.prefix), [False] * n, [False] * n, -1
+    ids, train, score, last_end = list(tok.prefix), [False] * n, [False] * n, -1
     for m in messages:
         i, t, c, end = render_message(tok, m)
         if m["role"] == "assistant":  # only the last assistant message is scored
             score = [False] * len(score) + c
-            pool = len(ids) + end
+            last_end = len(ids) + end
         else:
             score += [False] * len(i)
         ids += i
         train += t
-    return Rendered(ids, train, score, pool)
+    return Rendered(ids, train, score, last_end)
 
 
 def render_prompt(tok: ChatTokenizer, messages: list) -> list:
@@ -113,7 +113,7 @@ def sft_document(tok: ChatTokenizer, examples: list, seq_len: int) -> Optional[D
     if over > 0:
         # keep <bos>, cut just after it, but keep the last answer's header and content
         header = 1 + len(tok.piece("assistant\n"))
-        first_answer_tok = r.score.index(True) if True in r.score else r.pool
+        first_answer_tok = r.score.index(True) if True in r.score else r.last_end
         removable = first_answer_tok - header - 1
         if removable < over:
             return None
