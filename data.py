@@ -5,14 +5,15 @@ candidates in the shared-prefix layout, and the forward pass that reads rewards 
                                ids (the block-diagonal mask) and positions restarting per document
     TaskSampler                seeded interleaving of tasks: a task per draw, its own shuffled order
     SFTStream                  endless packed SFT batches of k-shot conversations
-    make_pairs                 DPH pairs: chosen = the gold answer, rejected = every wrong
+    make_pairs, draw_pairs     DPH pairs: chosen = the gold answer, rejected = every wrong
                                candidate (beyond the paper) or one drawn uniformly (the paper)
     ChoiceBatch, collate_choices  the answers of many items in one batch: each prompt once with its
                                answers as branches (the shared-prefix layout), trees packed several
                                to a row; `pool` is where each answer's reward is read
     score_choices              one forward pass -> each answer's reward and log π(y|x)
 
-Conversations become ids and masks in tokenizer/chatml.py (the ChatML template).
+Conversations become ids and masks in tokenizer/chatml.py (the ChatML template); evaluation
+candidates are built in evaluate.py::eval_items.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Optional
 import torch
 
 from losses import answer_logps
-from tasks import ChoiceExample, InstructionExample, PreferenceExample, TextExample
+from tasks import ChoiceExample, InstructionExample, PreferenceExample, TaskError, TextExample
 from tokenizer.chatml import IGNORE, Doc, answer_branch, render_prompt, sft_document, \
     text_documents
 
@@ -189,7 +190,7 @@ class ChoiceItem:
     content_chars: list = field(default_factory=list)  # characters per answer (acc_norm)
 
 
-def _truncate_prompt(prompt: list, longest_branch: int, max_len: int,
+def truncate_prompt(prompt: list, longest_branch: int, max_len: int,
                      header: int) -> Optional[list]:
     """Cut the prompt just after <bos> so that prompt + longest branch fits in max_len; None when
     that would cut into the final assistant header (`header` tokens: <|im_start|> assistant\n)."""
@@ -202,6 +203,24 @@ def _truncate_prompt(prompt: list, longest_branch: int, max_len: int,
 
 
 REJECTED = ("one", "all")
+
+
+def draw_pairs(sampler: TaskSampler, tok, n: int, rng: random.Random, max_len: int,
+               rejected: str, on_draw=None) -> list:
+    """The next n DPH pairs from the sampler's interleaved tasks (make_pairs, rejected answers
+    drawn with `rng`). on_draw(examples) sees every example drawn (the frozen-state cache)."""
+    items, misses = [], 0
+    while len(items) < n:
+        exs = sampler.draw(1)
+        if on_draw is not None:
+            on_draw(exs)
+        new = make_pairs(tok, exs, rng, max_len, rejected)
+        misses = 0 if new else misses + 1
+        if misses == 1000:
+            raise TaskError(f"1000 examples in a row do not fit in {max_len} tokens; "
+                            f"raise --max-len")
+        items += new
+    return items
 
 
 def make_pairs(tok, examples: list, rng: random.Random, max_len: int,
@@ -229,30 +248,10 @@ def make_pairs(tok, examples: list, rng: random.Random, max_len: int,
             continue
         answers = [chosen] + (wrong if rejected == "all" else [rng.choice(wrong)])
         branches = [answer_branch(tok, a) for a in answers]
-        prompt = _truncate_prompt(render_prompt(tok, ex.messages), max(map(len, branches)), max_len,
-                                  1 + len(tok.piece("assistant\n")))
+        prompt = truncate_prompt(render_prompt(tok, ex.messages), max(map(len, branches)),
+                                 max_len, 1 + len(tok.piece("assistant\n")))
         if prompt is not None:
             items.append(ChoiceItem(prompt, branches, 0, i, [len(a) for a in answers]))
-    return items
-
-
-def eval_items(tok, examples: list, max_len: int) -> list:
-    """Every candidate of every choice example (a preference example is the two-candidate choice
-    [chosen, rejected] with label 0)."""
-    items = []
-    for i, ex in enumerate(examples):
-        if isinstance(ex, PreferenceExample):
-            cands, label = [ex.chosen, ex.rejected], 0
-        elif isinstance(ex, ChoiceExample):
-            cands, label = ex.candidates, ex.label
-        else:
-            continue
-        branches = [answer_branch(tok, c) for c in cands]
-        prompt = _truncate_prompt(render_prompt(tok, ex.messages), max(map(len, branches)), max_len,
-                                  1 + len(tok.piece("assistant\n")))
-        if prompt is None:
-            raise ValueError(f"{ex.task} example {i}: answers do not fit in {max_len} tokens")
-        items.append(ChoiceItem(prompt, branches, label, i, [max(1, len(c)) for c in cands]))
     return items
 
 

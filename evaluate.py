@@ -1,4 +1,4 @@
-"""Evaluation and inference-time alignment (the paper's results tables, and its inference-time alignment by pruning candidate generations).
+"""Evaluation (the paper's results tables) and its inference-time alignment procedure.
 
 For every candidate answer of every example, one forward pass gives four readouts:
 
@@ -7,9 +7,10 @@ For every candidate answer of every example, one forward pass gives four readout
     lm_sum    summed log-prob ("acc" in lm-evaluation-harness)
     lm_char   log-prob per character ("acc_norm" in lm-evaluation-harness)
 
-The prediction is the argmax candidate; metrics follow GLUE conventions (metrics.py). The table
-has the paper's rows: SFT = lm_mean of --sft, DPO = lm_mean of --dph (the LM jointly trained with
-cDPO), DPH = reward of --dph.
+The prediction is the argmax candidate; metrics follow GLUE conventions (tasks/metrics.py). The
+table has the paper's rows: SFT = lm_mean of --sft, DPO = lm_mean of --dph (the LM jointly trained
+with cDPO), DPH = reward of --dph. --generate / --generate-from sample N answers and keep the one
+the head rewards most (inference/best_of_n.py).
 
     python evaluate.py                                   # out/sft and out/dph on their tasks
     python evaluate.py --generate "Reverse the list: a b c" -n 8   # best-of-N with the head
@@ -27,27 +28,25 @@ from tqdm import tqdm
 
 from tasks import metrics as M
 import plumbing
-from data import collate_choices, eval_items, score_choices
+from data import ChoiceItem, collate_choices, score_choices, truncate_prompt
 from inference import best_of_n
 from plumbing import UsageError, inputs, opt
-from tasks import MissingSplit, resolve_tasks
+from tasks import ChoiceExample, MissingSplit, PreferenceExample, resolve_tasks
+from tokenizer.chatml import answer_branch, render_prompt
 
 ROWS = (("SFT", "sft", "lm_mean"), ("DPO", "dph", "lm_mean"), ("DPH", "dph", "reward"))
 
 
 @dataclass
 class EvalConfig(best_of_n.SamplingConfig):
-    sft: str = opt("out/sft", "SFT checkpoint, or a pretrained .gguf / Hugging Face directory "
-                              "(its zero-shot LM) ('' to skip)")
+    sft: str = opt("out/sft", "SFT checkpoint, or a pretrained .gguf / HF directory ('' to skip)")
     dph: str = opt("out/dph", "DPH checkpoint ('' to skip)")
     tasks: str = opt("", "tasks and mixtures (default: the tasks the checkpoints trained on)")
-    split: str = opt("", "split to evaluate (default: each task's test split, or validation "
-                         "where test labels are not public)")
+    split: str = opt("", "split to evaluate (default: each task's own evaluation split)")
     data_dir: str = opt("", "folder with real datasets (default: $DPH_DATA)")
     data_seed: int = opt(0, "seed of the built-in suite's generator")
     out: str = opt("out/eval", "where results.json and predictions.jsonl go")
-    layout: str = opt("shared", "shared prefix or padded rows (identical scores)",
-                      ["shared", "padded"])
+    layout: str = opt("shared", "shared prefix or padded rows (same scores)", ["shared", "padded"])
     batch_size: int = opt(32, "examples per forward pass")
     max_examples: int = opt(0, "evaluate at most this many examples per task (0: all)")
     seed: int = opt(0, "sampling seed")
@@ -67,8 +66,24 @@ def validate(cfg: EvalConfig, argv=None):
     plumbing.check_writable_dir(cfg.out, "--out")
 
 
-# ----------------------------------------------------------------------------------------------
-# Scoring
+def eval_items(tok, examples: list, max_len: int) -> list:
+    """Every candidate of every choice example (a preference example is the two-candidate choice
+    [chosen, rejected] with label 0)."""
+    items = []
+    for i, ex in enumerate(examples):
+        if isinstance(ex, PreferenceExample):
+            cands, label = [ex.chosen, ex.rejected], 0
+        elif isinstance(ex, ChoiceExample):
+            cands, label = ex.candidates, ex.label
+        else:
+            continue
+        branches = [answer_branch(tok, c) for c in cands]
+        prompt = truncate_prompt(render_prompt(tok, ex.messages), max(map(len, branches)),
+                                 max_len, 1 + len(tok.piece("assistant\n")))
+        if prompt is None:
+            raise ValueError(f"{ex.task} example {i}: answers do not fit in {max_len} tokens")
+        items.append(ChoiceItem(prompt, branches, label, i, [max(1, len(c)) for c in cands]))
+    return items
 
 
 @torch.no_grad()

@@ -30,13 +30,12 @@ import torch
 from tqdm import tqdm
 
 import plumbing
-from data import REJECTED, TaskSampler, collate_choices, make_pairs, score_choices
+from data import REJECTED, TaskSampler, collate_choices, draw_pairs, score_choices
 from losses import (CONTRAST_KINDS, decayed_parameters, dpo_loss, items_dph_loss, pair_index,
                     prior_regularization, reward_metrics, reward_penalty)
 from model import PreferenceHead
 from plumbing import RunConfig, UsageError, inputs, opt
 from plumbing.frozen import StateCache, cached_pair_loss, cached_validation
-from tasks import TaskError
 
 @dataclass
 class DPHConfig(RunConfig):
@@ -47,15 +46,13 @@ class DPHConfig(RunConfig):
     loss: str = opt("contrastive", "DPH objective (the authors' code defaults to separable, which "
                                    "fits less well here: README)", ["separable", "contrastive"])
     label_smoothing: float = opt(0.1, "ε of the DPH loss, 0 <= ε < 0.5")
-    contrast: str = opt("softmax", "--loss contrastive on an item with several wrong answers: one "
-                                   "softmax over its candidates (beyond the paper), or each "
-                                   "(chosen, wrong) its own pair; the same for 2 candidates",
+    contrast: str = opt("softmax", "contrastive loss on several wrong answers: one softmax over "
+                                   "the candidates (beyond the paper), or a pair each",
                         list(CONTRAST_KINDS))
     dph_weight: float = opt(1.0, "w_dph, weight of the DPH loss in the alignment loss")
     dpo_weight: float = opt(1.0, "w_dpo, weight of the joint cDPO term (0: off, no reference)")
-    rejected: str = opt("all", "rejected answers per item: all wrong candidates (beyond the "
-                               "paper), or one drawn afresh at each visit (the paper)",
-                        list(REJECTED))
+    rejected: str = opt("all", "rejected answers per item: every wrong candidate (beyond the "
+                               "paper), or one drawn afresh each visit (the paper)", list(REJECTED))
     beta: float = opt(0.1, "β of the cDPO term")
     dpo_label_smoothing: float = opt(0.1, "ε of the cDPO term")
     reward_penalty: float = opt(0.0, "λ of the optional reward penalty (not in the paper)")
@@ -216,17 +213,8 @@ def main(argv=None):
         return validation_rewards(val_fwd, items, cfg, device, dtype, tok.im_end)
 
     def micro_step(last):
-        items, misses = [], 0
-        while len(items) < run.global_batch:  # the global batch of pairs
-            exs = sampler.draw(1)
-            if cache is not None:
-                cache.add_examples(exs)  # every candidate, the first time only
-            new = make_pairs(tok, exs, pair_rng, max_len, cfg.rejected)
-            misses = 0 if new else misses + 1
-            if misses == 1000:
-                raise TaskError(f"1000 examples in a row do not fit in {max_len} tokens; "
-                                f"raise --max-len")
-            items += new
+        items = draw_pairs(sampler, tok, run.global_batch, pair_rng, max_len, cfg.rejected,
+                           cache.add_examples if cache is not None else None)  # the global batch
         if cache is not None:  # the head alone, on cached states
             loss, metrics = cached_pair_loss(model.head, cache, items, cfg)
             (loss / cfg.grad_accum).backward()

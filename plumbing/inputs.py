@@ -158,7 +158,7 @@ def check_kind(key: str, path: str, model):
 
 def note_cut_prompts(tok, examples, items, max_len):
     """A note when prompts had to be cut from the left to fit the model's context (as in
-    training: after <bos>, so the oldest tokens go first, see data._truncate_prompt)."""
+    training: after <bos>, so the oldest tokens go first, see data.truncate_prompt)."""
     cut = [it for it in items if len(it.prompt) + max(map(len, it.branches)) == max_len
            and len(it.prompt) < len(render_prompt(tok, examples[it.ref].messages))]
     if cut:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tokenizer.chat import ChatTokenizer  # noqa: E402
-from data import (SFTStream, best_fit, collate_choices, collate_packed, eval_items, make_pairs,
-                  score_choices)
+from data import SFTStream, best_fit, collate_choices, collate_packed, make_pairs, score_choices
+from evaluate import eval_items
 from tasks.noise import apply_label_noise
 from tokenizer.chatml import (IGNORE, Doc, answer_branch, render, render_prompt, sft_document,
                               sft_messages)

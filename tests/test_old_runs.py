@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -78,15 +79,20 @@ def assert_same_weights(a, b):
 def test_current_code_resumes_old_sft_and_dph_runs(old_tree, tmp_path):
     t = str(tmp_path)
     whole_sft, killed_sft = f"{t}/sft-whole", f"{t}/sft-killed"
-    run(old_tree, "train_sft.py", *SFT_ARGS, "--out", whole_sft)
-    killed_old_run(old_tree, "train_sft.py", SFT_ARGS, killed_sft)
+    with ThreadPoolExecutor(1) as pool:  # the uninterrupted run beside the one to be killed
+        whole = pool.submit(run, old_tree, "train_sft.py", *SFT_ARGS, "--out", whole_sft)
+        killed_old_run(old_tree, "train_sft.py", SFT_ARGS, killed_sft)
+        whole.result()
     r = run(ROOT, "train_sft.py", *SFT_ARGS, "--out", killed_sft, "--resume")
     assert f"resuming {killed_sft} at step 2 of 6" in r.stdout
     assert_same_weights(killed_sft, whole_sft)
 
     whole_dph, killed_dph = f"{t}/dph-whole", f"{t}/dph-killed"
-    run(old_tree, "train_dph.py", *DPH_ARGS, "--init", whole_sft, "--out", whole_dph)
-    killed_old_run(old_tree, "train_dph.py", DPH_ARGS + ["--init", whole_sft], killed_dph)
+    with ThreadPoolExecutor(1) as pool:
+        whole = pool.submit(run, old_tree, "train_dph.py", *DPH_ARGS, "--init", whole_sft,
+                            "--out", whole_dph)
+        killed_old_run(old_tree, "train_dph.py", DPH_ARGS + ["--init", whole_sft], killed_dph)
+        whole.result()
     r = run(ROOT, "train_dph.py", "--out", killed_dph, "--resume")
     assert f"resuming {killed_dph} at step 2 of 6" in r.stdout
     assert_same_weights(killed_dph, whole_dph)
