@@ -1,1 +1,2 @@
-"""Tools beside the method: the benchmark (python -m tools.bench)."""
+"""Tools beside the method: the benchmark (python -m tools.bench) and plots of runs (python -m
+tools.plots, matplotlib optional)."""
