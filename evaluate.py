@@ -14,6 +14,7 @@ the head rewards most (inference/best_of_n.py).
 
     python evaluate.py                                   # out/sft and out/dph on their tasks
     python evaluate.py --generate "Reverse the list: a b c" -n 8   # best-of-N with the head
+    python evaluate.py --score pairs.jsonl --out scored.jsonl       # rewards for your own file
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from tasks import metrics as M
 import plumbing
 from data import ChoiceItem, collate_choices, score_choices, truncate_prompt
-from inference import best_of_n
+from inference import best_of_n, score
 from plumbing import UsageError, inputs, opt
 from tasks import ChoiceExample, MissingSplit, PreferenceExample, resolve_tasks
 from tokenizer.chatml import answer_branch, render_prompt
@@ -38,7 +39,7 @@ ROWS = (("SFT", "sft", "lm_mean"), ("DPO", "dph", "lm_mean"), ("DPH", "dph", "re
 
 
 @dataclass
-class EvalConfig(best_of_n.SamplingConfig):
+class EvalConfig(score.FileConfig, best_of_n.SamplingConfig):
     sft: str = opt("out/sft", "SFT checkpoint, or a pretrained .gguf / HF directory ('' to skip)")
     dph: str = opt("out/dph", "DPH checkpoint ('' to skip)")
     tasks: str = opt("", "tasks and mixtures (default: the tasks the checkpoints trained on)")
@@ -60,10 +61,10 @@ RANGES = {"data_seed": "[0, max]", "seed": "[0, max]", "batch_size": "[1, 104857
 
 
 def validate(cfg: EvalConfig, argv=None):
-    """Every flag checked before any work: ranges, the generation settings, --out."""
+    """Every flag checked before any work: ranges, the sampling settings, the outputs."""
     plumbing.check_ranges(cfg, RANGES)
     best_of_n.validate(cfg, argv)
-    plumbing.check_writable_dir(cfg.out, "--out")
+    score.check_flags(cfg)  # one mode at a time, --out (and --pairs) writable
 
 
 def eval_items(tok, examples: list, max_len: int) -> list:
@@ -130,10 +131,10 @@ def main(argv=None):
     plumbing.seed_everything(cfg.seed)
     device = plumbing.resolve_device(cfg.device)
     dtype = plumbing.resolve_dtype(cfg.dtype, device)
-    if cfg.generate:
-        return best_of_n.run_generate(cfg, device, dtype)
-    if cfg.generate_from:
-        return best_of_n.run_generate_from(cfg, device, dtype)
+    for mode, run in zip(score.MODES, (best_of_n.run_generate, best_of_n.run_generate_from,
+                                       score.score_file, score.generate_file)):
+        if getattr(cfg, mode):  # inference/: best-of-N, or files of your own
+            return run(cfg, device, dtype)
 
     models = {}
     for key, path in (("sft", cfg.sft), ("dph", cfg.dph)):

@@ -62,8 +62,6 @@ def validate(cfg, argv=None):
         if name in given and not getattr(cfg, name, "").strip():
             raise UsageError(f"--{name.replace('_', '-')}: empty "
                              f"{'prompt' if name == 'generate' else 'task'}")
-    if cfg.generate and cfg.generate_from:
-        raise UsageError("--generate and --generate-from: pick one")
     if (cfg.generate or cfg.generate_from) and not (cfg.dph or cfg.sft):
         raise UsageError("--generate needs a checkpoint with a preference head: pass --dph")
 

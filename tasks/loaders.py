@@ -918,19 +918,58 @@ MIXTURES = {
 # User data: jsonl:path and text:path
 #
 #   choice:      {"prompt": str | "messages": [...], "candidates": [str, ...], "label": int}
-#   preference:  {"prompt" | "messages", "chosen": str, "rejected": str}
-#   instruction: {"prompt" | "messages", "response": str}
+#   preference:  {"prompt" | "messages", "chosen": str, "rejected": str}  (TRL explicit prompt)
+#                {"chosen": [...], "rejected": [...]}  (TRL implicit prompt: two conversations
+#                    that share every message but the last assistant turn; the shared messages
+#                    are the prompt. UltraFeedback-binarized lines, which also carry "prompt",
+#                    "messages" and scores, read this way: the answers are the LAST assistant
+#                    turns, the prompt the user turn(s) before them)
+#                {"prompt": [...], "chosen": [...], "rejected": [...]}  (TRL conversational
+#                    explicit prompt: chosen / rejected each hold one assistant message)
+#                {"system": str, "question": str, "chosen": str, "rejected": str}  (Orca-DPO-pairs;
+#                    an empty system gets the default one)
+#   instruction: {"prompt" | "messages", "response" | "completion": str}
 # optional on any line: "system" (str), "split" ("train" | "validation" | "test"; default train).
 # "messages" is a list of {"role": "system"|"user"|"assistant", "content": str} ending with a
 # user turn; the default system prompt ("chat") is put first when there is none.
 
-_KINDS = (("candidates", "choice"), ("chosen", "preference"), ("response", "instruction"))
+_KINDS = (("candidates", "choice"), ("chosen", "preference"), ("response", "instruction"),
+          ("completion", "instruction"))
+_ROLES = ("system", "user", "assistant")
 
 
-def _user_messages(obj) -> list:
+def _system(obj) -> str:
     system = obj.get("system", SYSTEM_PROMPTS["chat"])
     if not isinstance(system, str):
         raise _Bad("'system' is not a string")
+    return system
+
+
+def _message_list(msgs, field: str) -> list:
+    """Check a list of {"role", "content"} messages (the key `field` names it in errors); a
+    system message may only come first. -> a copy holding just role and content."""
+    if not isinstance(msgs, list) or not msgs:
+        raise _Bad(f"{field!r} is not a non-empty list")
+    out = []
+    for k, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES \
+                or not isinstance(m.get("content"), str):
+            raise _Bad(f"{field}[{k}] is not {{'role': system|user|assistant, 'content': str}}")
+        if m["role"] == "system" and k:
+            raise _Bad(f"{field}[{k}]: a system message can only come first")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _with_system(obj, msgs: list) -> list:
+    """Prompt messages with a system message first: the record's own, else "system", else the
+    default ("chat")."""
+    system = _system(obj)
+    return msgs if msgs[0]["role"] == "system" else [{"role": "system", "content": system}] + msgs
+
+
+def _user_messages(obj) -> list:
+    system = _system(obj)
     if ("prompt" in obj) == ("messages" in obj):
         raise _Bad("need exactly one of 'prompt' or 'messages'")
     if "prompt" in obj:
@@ -938,20 +977,79 @@ def _user_messages(obj) -> list:
         if not text:
             raise _Bad("empty prompt")
         return [{"role": "system", "content": system}, {"role": "user", "content": text}]
-    msgs = obj["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        raise _Bad("'messages' is not a non-empty list")
-    out = []
-    for k, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(m.get("content"), str):
-            raise _Bad(f"messages[{k}] is not {{'role': system|user|assistant, 'content': str}}")
-        if m["role"] == "system" and k:
-            raise _Bad(f"messages[{k}]: a system message can only come first")
-        out.append({"role": m["role"], "content": m["content"]})
+    out = _message_list(obj["messages"], "messages")
     if out[-1]["role"] != "user":
         raise _Bad("the last message must be the user's (the answer is the assistant's turn)")
-    return out if out[0]["role"] == "system" else [{"role": "system", "content": system}] + out
+    return _with_system(obj, out)
+
+
+def _answers(obj, key: str) -> list:
+    """The message list under "chosen" / "rejected", ending in an assistant turn."""
+    if key not in obj:
+        raise _Bad(f"missing key {key!r}")
+    value = obj[key]
+    if not isinstance(value, list) or not value:
+        raise _Bad(f"{key!r}: expected a list of messages ending in an assistant turn")
+    msgs = _message_list(value, key)
+    if msgs[-1]["role"] != "assistant":
+        raise _Bad(f"{key!r}: expected a list of messages ending in an assistant turn, "
+                   f"got role {msgs[-1]['role']!r} last")
+    return msgs
+
+
+def _conversational_preference(obj):
+    """-> (prompt messages, chosen, rejected) when "chosen" / "rejected" are message lists: TRL's
+    conversational explicit prompt ("prompt" a list), else TRL's implicit prompt (the messages
+    both share before their last assistant turn; UltraFeedback-binarized reads so)."""
+    chosen, rejected = _answers(obj, "chosen"), _answers(obj, "rejected")
+    if isinstance(obj.get("prompt"), list):
+        if "messages" in obj:
+            raise _Bad("need exactly one of 'prompt' or 'messages'")
+        for key, msgs in (("chosen", chosen), ("rejected", rejected)):
+            if len(msgs) != 1:
+                raise _Bad(f"{key!r}: expected the one assistant message answering 'prompt', "
+                           f"got {len(msgs)} messages")
+        prompt = _message_list(obj["prompt"], "prompt")
+        if prompt[-1]["role"] != "user":
+            raise _Bad("'prompt': the last message must be the user's (the answer is the "
+                       "assistant's turn)")
+        return _with_system(obj, prompt), chosen[-1]["content"], rejected[-1]["content"]
+    shared = chosen[:-1]
+    if rejected[:-1] != shared:
+        n = min(len(chosen), len(rejected)) - 1
+        k = next((k for k in range(n) if chosen[k] != rejected[k]), n)
+        raise _Bad(f"'rejected': message {k} differs from 'chosen'; the two must share every "
+                   "message but the last assistant turn (the prompt)")
+    if not shared:  # a lone assistant message each: the prompt is "prompt" (str) or "messages"
+        return _user_messages(obj), chosen[-1]["content"], rejected[-1]["content"]
+    if shared[-1]["role"] != "user":
+        raise _Bad(f"'chosen': message {len(shared) - 1} (role {shared[-1]['role']!r}) comes "
+                   "right before the answer; the shared prompt must end with the user's turn")
+    return _with_system(obj, shared), chosen[-1]["content"], rejected[-1]["content"]
+
+
+def _preference(task, obj) -> PreferenceExample:
+    chosen = obj["chosen"]
+    if isinstance(chosen, list):
+        msgs, chosen, rejected = _conversational_preference(obj)
+    elif isinstance(chosen, str):
+        if "question" in obj and "prompt" not in obj and "messages" not in obj:  # Orca-DPO-pairs
+            question = _text(obj, "question")
+            if not question.strip():
+                raise _Bad("empty 'question'")
+            system = _system(obj) or SYSTEM_PROMPTS["chat"]
+            msgs = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        else:
+            msgs = _user_messages(obj)
+        chosen, rejected = chosen, _text(obj, "rejected")
+    else:
+        raise _Bad("'chosen' is not a string or a list of messages")
+    ex = PreferenceExample(task, msgs, chosen, rejected)
+    if not ex.chosen or not ex.rejected:
+        raise _Bad("empty chosen or rejected answer")
+    if ex.chosen.strip() == ex.rejected.strip():
+        raise _Bad("chosen and rejected are the same answer")
+    return ex
 
 
 def _user_record(task, obj):
@@ -959,10 +1057,12 @@ def _user_record(task, obj):
     kind = next((k for key, k in _KINDS if key in obj), None)
     if kind is None:
         raise _Bad("cannot tell the kind: expected 'candidates' + 'label', 'chosen' + 'rejected', "
-                   "or 'response'")
+                   "or 'response' (or 'completion')")
     split = obj.get("split", "train")
     if split not in SPLITS:
         raise _Bad(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    if kind == "preference":
+        return kind, split, _preference(task, obj)
     msgs = _user_messages(obj)
     if kind == "choice":
         cands = obj["candidates"]
@@ -976,16 +1076,13 @@ def _user_record(task, obj):
         if dup is not None:  # the same answer cannot be both gold and wrong
             raise _Bad(f"candidates {dup[0]} and {dup[1]} are the same answer {cands[dup[1]]!r}")
         ex = ChoiceExample(task, msgs, list(cands), _index(obj["label"], len(cands)))
-    elif kind == "preference":
-        ex = PreferenceExample(task, msgs, _text(obj, "chosen"), _text(obj, "rejected"))
-        if not ex.chosen or not ex.rejected:
-            raise _Bad("empty chosen or rejected answer")
-        if ex.chosen.strip() == ex.rejected.strip():
-            raise _Bad("chosen and rejected are the same answer")
     else:
-        ex = InstructionExample(task, msgs, _text(obj, "response"))
+        if "response" in obj and "completion" in obj:
+            raise _Bad("need one of 'response' or 'completion', not both")
+        key = "response" if "response" in obj else "completion"
+        ex = InstructionExample(task, msgs, _text(obj, key))
         if not ex.answer:
-            raise _Bad("empty response")
+            raise _Bad(f"empty {key}")
     return kind, split, ex
 
 
@@ -1020,6 +1117,27 @@ def _load_user_jsonl(path, split, data_dir=None, seed=0, n=None, **_):
         raise MissingSplit(f"{path}: no {split} records (the file has {', '.join(have)}); "
                            f'mark lines with "split": "{split}"')
     return _subsample(by_split[split], n, seed)
+
+
+def user_records(path: str):
+    """(line number, object, kind, example) for each line of a user JSONL file, one line at a
+    time (evaluate.py --score streams large files); unlike a jsonl: task, kinds may mix."""
+    for i, obj in _jsonl(Path(path)):
+        try:
+            kind, _, ex = _user_record(f"jsonl:{path}", obj)
+        except _Bad as e:
+            raise TaskError(f"{path}:{i}: {e}") from None
+        yield i, obj, kind, ex
+
+
+def prompt_records(path: str):
+    """(line number, object, messages) for each line of a JSONL file of prompts, {"prompt": str}
+    or {"messages": [...]} (evaluate.py --generate-file); other keys are kept, not read."""
+    for i, obj in _jsonl(Path(path)):
+        try:
+            yield i, obj, _user_messages(obj)
+        except _Bad as e:
+            raise TaskError(f"{path}:{i}: {e}") from None
 
 
 @lru_cache(maxsize=None)

@@ -676,3 +676,197 @@ def test_redirect():
     assert download._redirect(u, "http://127.0.0.1:8000/") == "http://127.0.0.1:8000/glue/data/CoLA.zip"
     mirror = {"https://dl.fbaipublicfiles.com/glue/": "file:///m/"}
     assert download._redirect(u, mirror) == "file:///m/data/CoLA.zip"
+
+
+# ----------------------------------------------------------------------------------------------
+# User JSONL in the preference formats people already have (TRL, UltraFeedback, Orca)
+
+CHAT = {"role": "system", "content": tasks.SYSTEM_PROMPTS["chat"]}
+
+
+def user_errors(path: Path, rows, msg):
+    """The file is refused with one line naming it, the line and `msg`."""
+    p = jsonl(path, rows)
+    with pytest.raises(TaskError) as e:
+        loaders.jsonl_task(str(p))
+    assert str(e.value).startswith(f"{p}:") and "\n" not in str(e.value), str(e.value)
+    assert msg in str(e.value), str(e.value)
+
+
+def test_jsonl_trl_implicit_prompt(tmp_path):
+    p = jsonl(tmp_path / "implicit.jsonl", [
+        '{"chosen": [{"role": "user", "content": "What colour is the sky?"}, '
+        '{"role": "assistant", "content": "Blue."}], '
+        '"rejected": [{"role": "user", "content": "What colour is the sky?"}, '
+        '{"role": "assistant", "content": "Green."}]}',
+        '{"chosen": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi."}, '
+        '{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Count to 2."}, '
+        '{"role": "assistant", "content": "1 2"}], '
+        '"rejected": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi."}, '
+        '{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Count to 2."}, '
+        '{"role": "assistant", "content": "No."}], "split": "test"}',
+    ])
+    spec = loaders.jsonl_task(str(p))
+    assert spec.kind == "preference" and spec.eval_split == "test"
+    (ex,) = spec.load("train")
+    assert isinstance(ex, PreferenceExample)
+    assert ex.messages == [CHAT, {"role": "user", "content": "What colour is the sky?"}]
+    assert (ex.chosen, ex.rejected) == ("Blue.", "Green.")
+    (ex,) = spec.load("test")
+    assert ex.messages == [{"role": "system", "content": "Be terse."},
+                           {"role": "user", "content": "Hi."},
+                           {"role": "assistant", "content": "Hello."},
+                           {"role": "user", "content": "Count to 2."}]
+    assert (ex.chosen, ex.rejected) == ("1 2", "No.")
+
+
+@pytest.mark.parametrize("line,msg", [
+    ('{"chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}], '
+     '"rejected": [{"role": "user", "content": "Other Q?"}, {"role": "assistant", "content": "B."}]}',
+     "'rejected': message 0 differs from 'chosen'"),
+    ('{"chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}], '
+     '"rejected": [{"role": "user", "content": "Q?"}]}',
+     "'rejected': expected a list of messages ending in an assistant turn"),
+    ('{"chosen": [{"role": "user", "content": "Q?"}, {"role": "bot", "content": "A."}], '
+     '"rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "B."}]}',
+     "chosen[1] is not {'role': system|user|assistant, 'content': str}"),
+    ('{"chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}], '
+     '"rejected": "B."}', "'rejected': expected a list of messages ending in an assistant turn"),
+    ('{"chosen": [{"role": "assistant", "content": "A."}, {"role": "assistant", "content": "B."}], '
+     '"rejected": [{"role": "assistant", "content": "A."}, {"role": "assistant", "content": "C."}]}',
+     "'chosen': message 0 (role 'assistant') comes right before the answer"),
+])
+def test_jsonl_trl_implicit_prompt_errors(tmp_path, line, msg):
+    user_errors(tmp_path / "implicit_bad.jsonl", [line], f":1: {msg}")
+
+
+def test_jsonl_trl_conversational_explicit_prompt(tmp_path):
+    p = jsonl(tmp_path / "conv_explicit.jsonl", [
+        '{"prompt": [{"role": "user", "content": "Name a planet."}], '
+        '"chosen": [{"role": "assistant", "content": "Mars."}], '
+        '"rejected": [{"role": "assistant", "content": "The Moon."}]}',
+        '{"prompt": [{"role": "system", "content": "Answer in French."}, '
+        '{"role": "user", "content": "Say yes."}], '
+        '"chosen": [{"role": "assistant", "content": "Oui."}], '
+        '"rejected": [{"role": "assistant", "content": "Yes."}]}',
+    ])
+    a, b = loaders.jsonl_task(str(p)).load("train")
+    assert a.messages == [CHAT, {"role": "user", "content": "Name a planet."}]
+    assert (a.chosen, a.rejected) == ("Mars.", "The Moon.")
+    assert b.messages == [{"role": "system", "content": "Answer in French."},
+                          {"role": "user", "content": "Say yes."}]
+    assert (b.chosen, b.rejected) == ("Oui.", "Yes.")
+
+
+@pytest.mark.parametrize("line,msg", [
+    ('{"prompt": [{"role": "user", "content": "Q?"}], "chosen": [{"role": "assistant", "content": "A."}, '
+     '{"role": "assistant", "content": "More."}], "rejected": [{"role": "assistant", "content": "B."}]}',
+     "'chosen': expected the one assistant message answering 'prompt', got 2 messages"),
+    ('{"prompt": [{"role": "user", "content": "Q?"}], "chosen": [{"role": "assistant", "content": "A."}], '
+     '"rejected": [{"role": "user", "content": "B."}]}',
+     "'rejected': expected a list of messages ending in an assistant turn"),
+    ('{"prompt": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Hm."}], '
+     '"chosen": [{"role": "assistant", "content": "A."}], "rejected": [{"role": "assistant", "content": "B."}]}',
+     "'prompt': the last message must be the user's"),
+    ('{"prompt": [{"role": "person", "content": "Q?"}], "chosen": [{"role": "assistant", "content": "A."}], '
+     '"rejected": [{"role": "assistant", "content": "B."}]}',
+     "prompt[0] is not {'role': system|user|assistant, 'content': str}"),
+])
+def test_jsonl_trl_conversational_explicit_prompt_errors(tmp_path, line, msg):
+    user_errors(tmp_path / "conv_explicit_bad.jsonl", [line], f":1: {msg}")
+
+
+# two lines in the layout of HuggingFaceH4/ultrafeedback_binarized (hand-written text)
+ULTRAFEEDBACK = [
+    '{"prompt": "Give me a word that rhymes with cat.", "prompt_id": "0a1b", '
+    '"chosen": [{"content": "Give me a word that rhymes with cat.", "role": "user"}, '
+    '{"content": "Hat.", "role": "assistant"}], '
+    '"rejected": [{"content": "Give me a word that rhymes with cat.", "role": "user"}, '
+    '{"content": "Dog.", "role": "assistant"}], '
+    '"messages": [{"content": "Give me a word that rhymes with cat.", "role": "user"}, '
+    '{"content": "Hat.", "role": "assistant"}], "score_chosen": 8.0, "score_rejected": 2.5}',
+    '{"prompt": "Is water wet?", "prompt_id": "2c3d", '
+    '"chosen": [{"content": "Is water wet?", "role": "user"}, {"content": "It makes things wet.", "role": "assistant"}], '
+    '"rejected": [{"content": "Is water wet?", "role": "user"}, {"content": "Water is dry.", "role": "assistant"}], '
+    '"messages": [{"content": "Is water wet?", "role": "user"}, {"content": "It makes things wet.", "role": "assistant"}], '
+    '"score_chosen": 7.0, "score_rejected": 1.0}',
+]
+
+
+def test_jsonl_ultrafeedback_binarized(tmp_path):
+    p = jsonl(tmp_path / "train_prefs.jsonl", ULTRAFEEDBACK)
+    spec = loaders.jsonl_task(str(p))
+    assert spec.kind == "preference"
+    a, b = spec.load("train")
+    # the answers are the assistant turns, never the user turn the prompt repeats
+    assert a.messages == [CHAT, {"role": "user", "content": "Give me a word that rhymes with cat."}]
+    assert (a.chosen, a.rejected) == ("Hat.", "Dog.")
+    assert b.messages == [CHAT, {"role": "user", "content": "Is water wet?"}]
+    assert (b.chosen, b.rejected) == ("It makes things wet.", "Water is dry.")
+
+
+def test_jsonl_ultrafeedback_binarized_errors(tmp_path):
+    bad = json.loads(ULTRAFEEDBACK[1])
+    bad["chosen"] = bad["chosen"][:1]  # the user turn only
+    user_errors(tmp_path / "uf_bad.jsonl", [ULTRAFEEDBACK[0], json.dumps(bad)],
+                ":2: 'chosen': expected a list of messages ending in an assistant turn, "
+                "got role 'user' last")
+    bad = json.loads(ULTRAFEEDBACK[1])
+    bad["rejected"][0]["content"] = "Is fire wet?"
+    user_errors(tmp_path / "uf_bad2.jsonl", [json.dumps(bad)],
+                ":1: 'rejected': message 0 differs from 'chosen'")
+
+
+def test_jsonl_orca_dpo_pairs(tmp_path):
+    p = jsonl(tmp_path / "orca.jsonl", [
+        '{"system": "You are an AI assistant.", "question": "What is 2 + 2?", '
+        '"chosen": "2 + 2 is 4.", "rejected": "5."}',
+        '{"system": "", "question": "Name a shape.", "chosen": "A circle.", "rejected": "Blue."}',
+    ])
+    spec = loaders.jsonl_task(str(p))
+    assert spec.kind == "preference"
+    a, b = spec.load("train")
+    assert a.messages == [{"role": "system", "content": "You are an AI assistant."},
+                          {"role": "user", "content": "What is 2 + 2?"}]
+    assert (a.chosen, a.rejected) == ("2 + 2 is 4.", "5.")
+    assert b.messages == [CHAT, {"role": "user", "content": "Name a shape."}]
+    assert (b.chosen, b.rejected) == ("A circle.", "Blue.")
+
+
+@pytest.mark.parametrize("line,msg", [
+    ('{"system": "", "question": 7, "chosen": "A.", "rejected": "B."}', "'question' is not a string"),
+    ('{"system": "", "question": "Q?", "chosen": "A."}', "missing key 'rejected'"),
+    ('{"system": ["x"], "question": "Q?", "chosen": "A.", "rejected": "B."}', "'system' is not a string"),
+    ('{"system": "", "question": "Q?", "chosen": "A.", "rejected": 3}', "'rejected' is not a string"),
+])
+def test_jsonl_orca_dpo_pairs_errors(tmp_path, line, msg):
+    user_errors(tmp_path / "orca_bad.jsonl", [line], f":1: {msg}")
+
+
+def test_jsonl_instruction_completion(tmp_path):
+    p = jsonl(tmp_path / "completion.jsonl", [
+        '{"prompt": "Name a colour.", "completion": "Red."}',
+        '{"messages": [{"role": "user", "content": "Name a fruit."}], "completion": "Pear.", '
+        '"split": "validation"}',
+    ])
+    spec = loaders.jsonl_task(str(p))
+    assert spec.kind == "instruction" and spec.eval_split == "validation"
+    (ex,) = spec.load("train")
+    assert isinstance(ex, InstructionExample)
+    assert ex.messages == [CHAT, {"role": "user", "content": "Name a colour."}] and ex.answer == "Red."
+    (ex,) = spec.load("validation")
+    assert ex.messages == [CHAT, {"role": "user", "content": "Name a fruit."}] and ex.answer == "Pear."
+    # response and completion lines may share a file: both are instruction records
+    q = jsonl(tmp_path / "mixed_inst.jsonl", ['{"prompt": "A?", "response": "a"}',
+                                              '{"prompt": "B?", "completion": "b"}'])
+    assert [e.answer for e in loaders.jsonl_task(str(q)).load("train")] == ["a", "b"]
+
+
+@pytest.mark.parametrize("line,msg", [
+    ('{"prompt": "Q?", "completion": ["A."]}', "'completion' is not a string"),
+    ('{"prompt": "Q?", "completion": ""}', "empty completion"),
+    ('{"prompt": "Q?", "response": "A.", "completion": "A."}',
+     "need one of 'response' or 'completion', not both"),
+])
+def test_jsonl_instruction_completion_errors(tmp_path, line, msg):
+    user_errors(tmp_path / "completion_bad.jsonl", [line], f":1: {msg}")
