@@ -1,10 +1,12 @@
-"""Checkpoint files: a directory with model.pt (tensors only), config.json and tokenizer.json,
-and resume.pt beside them while a run is in progress.
+"""Checkpoint files: a directory with model.safetensors and model.pt (the same tensors, twice),
+config.json and tokenizer.json, and resume.pt beside them while a run is in progress.
 
     save_checkpoint, load_checkpoint
-                              the weights (from the uncompiled module), config.json (shape, head,
-                              the stages' settings, sha256 of the weights and tokenizer) and
-                              tokenizer.json, each written atomically; loading checks all of them
+                              the weights (from the uncompiled module) as model.pt and as
+                              model.safetensors (which other tools read), config.json (shape,
+                              head, the stages' settings, sha256 of the weights and tokenizer)
+                              and tokenizer.json, each written atomically; loading checks all
+                              of them
     save_train_state, load_train_state
                               resume.pt: everything --resume needs, in one file
 """
@@ -22,8 +24,11 @@ from typing import Optional
 import torch
 
 from model import DPHModel, ModelConfig
+from pretrained.safetensors import load_file, save_file
 
 WEIGHTS, CONFIG, TOKENIZER = "model.pt", "config.json", "tokenizer.json"
+SAFETENSORS = "model.safetensors"  # the same tensors as model.pt; read first when present
+WEIGHT_FILES = (SAFETENSORS, WEIGHTS)
 RESUME = "resume.pt"  # the training state of a run in progress (train_sft.py / train_dph.py)
 
 
@@ -63,13 +68,13 @@ def safe_load(f):
 
 def save_checkpoint(path, model: DPHModel, tokenizer_json: Optional[str] = None,
                     extra: Optional[dict] = None):
-    """Write model weights (from the uncompiled module), config.json and tokenizer.json into the
-    directory `path`, each file atomically (a temporary file, then os.replace). config.json goes
-    last: a directory with a config.json holds a complete checkpoint. `extra` (plain JSON) is
-    stored in config.json.
+    """Write model weights (from the uncompiled module) as model.pt and model.safetensors,
+    tokenizer.json and config.json into the directory `path`, each file atomically (a temporary
+    file, then os.replace). config.json goes last: a directory with a config.json holds a
+    complete checkpoint. `extra` (plain JSON) is stored in config.json.
 
     The checkpoint is atomic as a whole too: config.json records the sha256 of the weights (and
-    of the tokenizer), and load_checkpoint refuses a model.pt that is not the one its config.json
+    of the tokenizer), and load_checkpoint refuses weights that are not the ones its config.json
     was written with (a kill between the renames leaves new weights beside an old config)."""
     os.makedirs(path, exist_ok=True)
     raw = getattr(model, "_orig_mod", model)  # torch.compile wrapper
@@ -80,6 +85,7 @@ def save_checkpoint(path, model: DPHModel, tokenizer_json: Optional[str] = None,
     if tokenizer_json is not None:
         config["tokenizer_sha256"] = hashlib.sha256(tokenizer_json.encode()).hexdigest()
     atomic_write(os.path.join(path, WEIGHTS), lambda p: torch.save(state, p))
+    save_file(state, os.path.join(path, SAFETENSORS), metadata={"format": "pt"})
     if tokenizer_json is not None:
         def write_tokenizer(p):
             with open(p, "w") as f:
@@ -146,14 +152,20 @@ def _check_head_config(head):
 
 
 def load_checkpoint(path, device="cpu") -> tuple:
-    """Rebuild the exact model saved in `path`. Returns (model, config dict). Weights are read
-    with torch.load(weights_only=True): a pickle carrying code is refused. Everything that can
-    be wrong with a checkpoint is a CheckpointError naming the file: a config.json that does not
-    describe a model (the shapes are tried on the meta device first, so nothing big is allocated
-    for a bogus one), weights of another shape, weights that are not the ones config.json was
-    saved with (its weights_sha256), or non-finite weights."""
+    """Rebuild the exact model saved in `path`. Returns (model, config dict). The weights come
+    from model.safetensors, or from model.pt in a checkpoint that has no model.safetensors (one
+    written before it existed); model.pt is read with torch.load(weights_only=True): a pickle
+    carrying code is refused. Everything that can be wrong with a checkpoint is a
+    CheckpointError naming the file: a config.json that does not describe a model (the shapes
+    are tried on the meta device first, so nothing big is allocated for a bogus one), weights
+    of another shape, weights that are not the ones config.json was saved with (its
+    weights_sha256), or non-finite weights.
+
+    When both weight files are there, both are checked, and they must hold the same tensors:
+    a checkpoint whose two copies of the weights disagree (one of them replaced, edited or cut
+    short) is refused rather than loaded from whichever copy happens to be read."""
     config = read_config(path)
-    cf, f = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
+    cf = os.path.join(path, CONFIG)
     if not isinstance(config, dict):
         raise CheckpointError(f"{cf}: not a checkpoint config (a JSON object)")
     try:
@@ -174,7 +186,45 @@ def load_checkpoint(path, device="cpu") -> tuple:
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{cf}: bad model config ({first})") from None
-    state = safe_load(f)
+    st, pt = os.path.join(path, SAFETENSORS), os.path.join(path, WEIGHTS)
+    want = config.get("weights_sha256")
+    if not os.path.isfile(st) and not os.path.isfile(pt):
+        raise CheckpointError(f"{st}: not found (nor {WEIGHTS})")
+    if not os.path.isfile(st):  # a checkpoint written before model.safetensors existed
+        f, state = pt, _read_weights(pt, shapes, want)
+    else:
+        other = None
+        if os.path.isfile(pt):  # checked first and let go: one copy in memory at a time
+            checked = _read_weights(pt, shapes, want)
+            other = state_digest(checked) if want is None else None
+            del checked
+        f, state = st, _read_weights(st, shapes, want)
+        if other is not None and state_digest(state) != other:
+            raise CheckpointError(f"{st}: not the same weights as {WEIGHTS} beside it (and "
+                                  f"{CONFIG} records no weights_sha256 to tell which is right)")
+    model = built if built.lm.embed.weight.device.type != "meta" else \
+        DPHModel(cfg, head=config.get("head"))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{f}: does not match {CONFIG} ({str(e).splitlines()[0]})") from None
+    return model.to(device), config
+
+
+def _read_weights(f, shapes: dict, want) -> dict:
+    """The state dict in model.pt or model.safetensors `f` (in the file's order, which the digest
+    is taken in), checked against `shapes` (the model config.json describes): every tensor there
+    with its shape, the sha256 `want` (when config.json records one), finite values."""
+    if f.endswith(".safetensors"):
+        if not os.path.isfile(f):
+            raise CheckpointError(f"{f}: not found")
+        try:
+            state = load_file(f, keep_dtype=True)
+        except Exception as e:  # a truncated or corrupt file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{f}: cannot be read as safetensors ({first})") from None
+    else:
+        state = safe_load(f)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                               for v in state.values()):
         raise CheckpointError(f"{f}: expected a dict of tensors")
@@ -187,7 +237,6 @@ def load_checkpoint(path, device="cpu") -> tuple:
                 f"{'the file' if k in state else CONFIG}")
         raise CheckpointError(f"{f}: does not match {CONFIG} ({len(bad)} tensor(s) differ; "
                               f"{what})")
-    want = config.get("weights_sha256")
     if want is not None and state_digest(state) != want:
         raise CheckpointError(f"{f}: not the weights {CONFIG} was saved with (a save cut short "
                               f"between the two files?); --resume the run to write them again")
@@ -196,13 +245,7 @@ def load_checkpoint(path, device="cpu") -> tuple:
     if nonfinite:
         raise CheckpointError(f"{f}: non-finite weights (NaN or inf) in {len(nonfinite)} "
                               f"tensor(s), e.g. {nonfinite[0]}")
-    model = built if built.lm.embed.weight.device.type != "meta" else \
-        DPHModel(cfg, head=config.get("head"))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{f}: does not match {CONFIG} ({str(e).splitlines()[0]})") from None
-    return model.to(device), config
+    return state
 
 
 def check_vocab(tok, vocab_size: int, where: str):

@@ -36,8 +36,21 @@ def is_gguf(path: str) -> bool:
 def is_hf_dir(path: str) -> bool:
     from .safetensors import INDEX, SINGLE
     return (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
-            and not os.path.isfile(os.path.join(path, "model.pt"))
+            and not _is_checkpoint(path)
             and any(os.path.isfile(os.path.join(path, f)) for f in (SINGLE, INDEX)))
+
+
+def _is_checkpoint(path: str) -> bool:
+    """A checkpoint of this project (which holds a model.safetensors too): a model.pt, or a
+    config.json with this project's "model" object."""
+    if os.path.isfile(os.path.join(path, "model.pt")):
+        return True
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            conf = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(conf, dict) and isinstance(conf.get("model"), dict)
 
 
 def is_pretrained(path: str) -> bool:
@@ -131,7 +144,8 @@ def load_hf(path: str):
             stated = json.load(f).get("pad_token")
         stated = stated.get("content") if isinstance(stated, dict) else stated
     tok, added = chat_tokenizer(Tokenizer.from_file(tj), stated)
-    model = _build(cfg, parts, tok, added, src, ignore=("rotary_emb.inv_freq",))
+    # (a preference head exported beside the backbone, pretrained/export.py, is not the LM's)
+    model = _build(cfg, parts, tok, added, src, ignore=("rotary_emb.inv_freq", "preference_head."))
     info = {"format": "hf", "path": os.path.abspath(path),
             "architecture": (conf.get("architectures") or ["?"])[0],
             "name": conf.get("_name_or_path", os.path.basename(os.path.abspath(path)))}

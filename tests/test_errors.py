@@ -184,7 +184,7 @@ def test_checkpoint_files_respect_the_umask(tmp_path, make_model, tok):
         save_train_state(str(tmp_path), {"step": 1, "config": {}, "model": {}, "optimizer": {}})
     finally:
         os.umask(old)
-    for name in ("model.pt", "config.json", "tokenizer.json", "resume.pt"):
+    for name in ("model.pt", "model.safetensors", "config.json", "tokenizer.json", "resume.pt"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name
 
 

@@ -272,7 +272,8 @@ def test_checkpoint_round_trip_exact(tmp_path, make_model, vocab, tok):
     m = _perturbed(make_model, pooler="affine")
     ck = tmp_path / "ck"
     save_checkpoint(str(ck), m, tokenizer_json=tok.to_json(), extra={"stage": "dph"})
-    assert sorted(os.listdir(ck)) == ["config.json", "model.pt", "tokenizer.json"]  # no temp files
+    assert sorted(os.listdir(ck)) == ["config.json", "model.pt", "model.safetensors",
+                                      "tokenizer.json"]  # no temp files
 
     text = (ck / "config.json").read_text()
     assert "\n  " in text  # indented, one key per line: human-readable
@@ -349,6 +350,7 @@ def test_checkpoint_corrupt_and_wrong_shape(tmp_path, make_model, vocab):
         load_checkpoint(str(ck))
 
     (ck / "model.pt").unlink()
+    (ck / "model.safetensors").unlink()  # (with it, the checkpoint loads: see test_safetensors)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(str(ck))
     with pytest.raises(CheckpointError, match="not found"):

@@ -44,7 +44,8 @@ def test_checkpoints_exist_and_parse(pipeline):
     d, _ = pipeline
     for stage in ("sft", "dph"):
         names = set(os.listdir(d / stage))
-        assert {"model.pt", "config.json", "tokenizer.json", "metrics.jsonl"} <= names
+        assert {"model.pt", "model.safetensors", "config.json", "tokenizer.json",
+                "metrics.jsonl"} <= names
         cfg = json.loads((d / stage / "config.json").read_text())
         assert cfg["stage"] == stage and cfg["model"]["d_model"] == 64
     assert json.loads((d / "dph" / "config.json").read_text())["head"]["pooler"] == "identity"

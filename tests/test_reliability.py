@@ -413,8 +413,8 @@ def test_checkpoint_config_written_last(tmp_path, monkeypatch, make_model, tok):
     monkeypatch.setattr(os, "replace", lambda a, b: (order.append(os.path.basename(b)),
                                                     replace(a, b)))
     save_checkpoint(str(tmp_path), make_model(), tokenizer_json=tok.to_json())
-    assert order[-1] == "config.json" and set(order) == {"model.pt", "tokenizer.json",
-                                                         "config.json"}
+    assert order[-1] == "config.json" and set(order) == {"model.pt", "model.safetensors",
+                                                         "tokenizer.json", "config.json"}
 
 
 def _fake_run(tmp_path, **cfg_values):
