@@ -24,15 +24,14 @@ import os
 import time
 from dataclasses import dataclass
 
+import plumbing  # first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads
 import torch
 from tqdm import tqdm
 
-from tasks import metrics as M
-import plumbing
 from data import ChoiceItem, collate_choices, score_choices, truncate_prompt
 from inference import best_of_n, score
 from plumbing import UsageError, inputs, opt
-from tasks import ChoiceExample, MissingSplit, PreferenceExample, resolve_tasks
+from tasks import ChoiceExample, MissingSplit, PreferenceExample, metrics as M, resolve_tasks
 from tokenizer.chatml import answer_branch, render_prompt
 
 ROWS = (("SFT", "sft", "lm_mean"), ("DPO", "dph", "lm_mean"), ("DPH", "dph", "reward"))

@@ -32,8 +32,13 @@ import sys
 import time
 import typing
 
-import numpy as np
-import torch
+# OpenMP threads that spin while they wait (libgomp's default) make every op wait for a time
+# slice when the cores are shared with another process; PASSIVE waiting avoids that cliff.
+# libgomp reads the variable when torch loads: the scripts import this module before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a value the user set is kept
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from tqdm import tqdm
 
 from plumbing.checkpoint import (CONFIG, RESUME, TOKENIZER, CheckpointError, atomic_write,
@@ -386,8 +391,8 @@ def barrier(dist: Dist):
 
 
 def weights_digest(model) -> str:
-    """sha256 over the bytes of every state-dict tensor, in order (model.pt holds the same, and
-    config.json records it as weights_sha256)."""
+    """sha256 over the bytes of every state-dict tensor, in order (model.pt and model.safetensors
+    hold the same, and config.json records it as weights_sha256)."""
     return state_digest(model.state_dict())
 
 
@@ -831,7 +836,8 @@ class Run:
         return contextlib.nullcontext() if last or not self.dist.active else self.ddp.no_sync()
 
     def save(self, done: int):
-        """resume.pt first (complete or absent), then model.pt, tokenizer.json, config.json."""
+        """resume.pt first (complete or absent), then model.pt, model.safetensors,
+        tokenizer.json, config.json."""
         model, dist = self.model, self.dist
         if not all_finite(model):
             raise FloatingPointError(f"non-finite weights after step {done}; stopped" + self.kept())
