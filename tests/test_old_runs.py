@@ -51,8 +51,9 @@ def run(tree, script, *args, env=None):
 
 
 def killed_old_run(tree, script, args, out):
-    """The old code, killed while it sleeps after its first checkpoint (step 2 of 6)."""
-    env = {**ENV, "DPH_TEST_STEP_DELAY": "60"}
+    """The old code, killed while it sleeps after its first checkpoint (step 2 of 6): each step
+    is followed by a 3 s sleep, and config.json is the last file a checkpoint writes."""
+    env = {**ENV, "DPH_TEST_STEP_DELAY": "3"}
     p = subprocess.Popen([sys.executable, script, *args, "--out", out], cwd=tree, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
