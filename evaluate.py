@@ -24,10 +24,10 @@ import os
 import time
 from dataclasses import dataclass
 
-import plumbing  # first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads
 import torch
 from tqdm import tqdm
 
+import plumbing
 from data import ChoiceItem, collate_choices, score_choices, truncate_prompt
 from inference import best_of_n, score
 from plumbing import UsageError, inputs, opt

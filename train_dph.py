@@ -26,10 +26,10 @@ import random
 import time
 from dataclasses import dataclass
 
-import plumbing  # first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads
 import torch
 from tqdm import tqdm
 
+import plumbing
 from data import REJECTED, TaskSampler, collate_choices, draw_pairs, score_choices
 from losses import (CONTRAST_KINDS, decayed_parameters, dpo_loss, items_dph_loss, pair_index,
                     prior_regularization, reward_metrics, reward_penalty)

@@ -15,10 +15,10 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-import plumbing  # first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads
 import torch
 from tqdm import tqdm
 
+import plumbing
 from data import PackedBatch, SFTStream
 from losses import decayed_parameters, prior_regularization, sft_loss
 from model import attention_mask, preset

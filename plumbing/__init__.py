@@ -32,13 +32,8 @@ import sys
 import time
 import typing
 
-# OpenMP threads that spin while they wait (libgomp's default) make every op wait for a time
-# slice when the cores are shared with another process; PASSIVE waiting avoids that cliff.
-# libgomp reads the variable when torch loads: the scripts import this module before torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a value the user set is kept
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 from tqdm import tqdm
 
 from plumbing.checkpoint import (CONFIG, RESUME, TOKENIZER, CheckpointError, atomic_write,
