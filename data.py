@@ -274,8 +274,8 @@ class ChoiceBatch:
     doc: torch.Tensor  # (B, T) document (item) within the row, -1 on padding
     branch: Optional[torch.Tensor]  # (B, T) shared-prefix only: 0 prompt, k branch k
     pool: torch.Tensor  # (S, 2)
-    logits_at: torch.Tensor  # (B, T) bool: positions whose LM logits are needed
-    site_logit: torch.Tensor  # (M,) index into the flattened logits at logits_at
+    logits_at: torch.Tensor  # (B, T) bool: positions whose LM log-probs are needed
+    site_logit: torch.Tensor  # (M,) index into the flattened rows at logits_at
     site_tgt: torch.Tensor  # (M,)
     site_seq: torch.Tensor  # (M,) sequence of each site
     site_end: torch.Tensor  # (M,) bool: the site predicts <|im_end|> (not a content token)
@@ -361,7 +361,7 @@ def collate_choices(items: list, layout: str, pad_id: int, *, end_id: int) -> Ch
     logits_at = torch.zeros((B, T), dtype=torch.bool)
     src = torch.tensor([(r, c) for r, c, *_ in sites])
     logits_at[src[:, 0], src[:, 1]] = True
-    flat = torch.cumsum(logits_at.flatten(), 0) - 1  # position in the flattened logits
+    flat = torch.cumsum(logits_at.flatten(), 0) - 1  # position among the rows at logits_at
     site_logit = flat[src[:, 0] * T + src[:, 1]]
     return ChoiceBatch(
         idx, posT, doc, branch if layout == "shared" else None, torch.tensor(pools), logits_at,
@@ -375,12 +375,13 @@ def score_choices(model, batch: ChoiceBatch, rewards: bool = True, logps: bool =
     """One forward pass over a ChoiceBatch. Returns per-answer tensors (S,):
     'rewards' (the head at <|im_end|>), 'logp' (summed log-prob of content + <|im_end|>, what DPO
     uses), 'logp_content' (content tokens only) and 'n_content' (content token count)."""
-    out = model(batch.idx, batch.pos, batch.mask(), logits_at=batch.logits_at if logps else None)
+    out = model(batch.idx, batch.pos, batch.mask())
     res = {}
     if rewards:
         res["rewards"] = model.reward(out.hidden, batch.pool)
     if logps:  # log π(y|x) per answer (losses.answer_logps), with and without <|im_end|>
-        args = (out.logits, batch.site_logit, batch.site_tgt, batch.site_seq, batch.n_seqs)
+        args = (out.hidden[batch.logits_at], model.lm_weight, batch.site_logit, batch.site_tgt,
+                batch.site_seq, batch.n_seqs)
         content = ~batch.site_end
         res["logp"] = answer_logps(*args)
         res["logp_content"] = answer_logps(*args, keep=content)

@@ -12,6 +12,7 @@ Paper <-> code
     reward penalty (NOT in the paper; added later by the authors)          reward_penalty
     the paper's link to Conservative DPO (cDPO), on the LM head            dpo_loss
     log π(y|x) of each answer, for dpo_loss                                answer_logps
+    log p of each target token, without the full logits tensor            token_logps
     supervised fine-tuning (token cross-entropy)                           sft_loss
     the paper's prior regularisation (decay toward the starting weights)   prior_regularization
 
@@ -242,28 +243,112 @@ def reward_penalty(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weight: flo
 # ----------------------------------------------------------------------------------------------
 # LM-head objectives: log-likelihoods, cDPO, SFT
 
-def answer_logps(logits: torch.Tensor, site_row: torch.Tensor, site_tgt: torch.Tensor,
-                 site_seq: torch.Tensor, n_answers: int, keep: torch.Tensor = None) -> torch.Tensor:
+def answer_logps(hidden: torch.Tensor, weight: torch.Tensor, site_row: torch.Tensor,
+                 site_tgt: torch.Tensor, site_seq: torch.Tensor, n_answers: int,
+                 keep: torch.Tensor = None) -> torch.Tensor:
     """log π(y|x) of every answer: the sum over its tokens (and its <|im_end|>) of
     log p(y_t | x, y_<t), the quantity cDPO compares against the reference model's.
 
     The answers' tokens are "sites": site m predicts token site_tgt[m] from row site_row[m] of
-    `logits` and belongs to answer site_seq[m] (data.collate_choices builds them). Each logits row
-    is normalised once: in the shared-prefix layout the prompt's last row predicts the first
-    token of every answer.
+    `hidden` and belongs to answer site_seq[m] (data.collate_choices builds them). In the
+    shared-prefix layout the prompt's last row predicts the first token of every answer.
 
     Args:
-        logits: (N, V) any float dtype (computed in fp32); site_row, site_tgt, site_seq: (M,);
-        keep: (M,) bool, sum only these sites (e.g. content tokens, without <|im_end|>).
+        hidden: (N, C) final hidden states; weight: (V, C) the LM head (token_logps);
+        site_row, site_tgt, site_seq: (M,); keep: (M,) bool, sum only these sites (e.g. the
+        content tokens, without <|im_end|>).
     Returns:
         (n_answers,) fp32 summed log-probabilities.
     """
-    logits = _upcast(logits)
-    lp = logits[site_row, site_tgt] - torch.logsumexp(logits, dim=-1)[site_row]  # (M,)
-    seq = site_seq
     if keep is not None:
-        lp, seq = lp[keep], site_seq[keep]
-    return torch.zeros(n_answers, device=lp.device, dtype=lp.dtype).index_add(0, seq, lp)
+        site_row, site_tgt, site_seq = site_row[keep], site_tgt[keep], site_seq[keep]
+    lp = token_logps(hidden[site_row], weight, site_tgt)  # (M,)
+    return torch.zeros(n_answers, device=lp.device, dtype=lp.dtype).index_add(0, site_seq, lp)
+
+
+def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                reduce: bool = False, chunk_rows: int = 0) -> torch.Tensor:
+    """log p(targets[i] | hidden[i]) = z[t] − logsumexp(z), z = weight @ hidden[i], for each row
+    (or their sum, reduce=True), without the (N, V) logits: chunk_rows rows at a time are
+    projected, normalised and dropped (default: 4M logits a chunk). Exact: the same values and
+    gradients as log_softmax(hidden @ weight.T) gathered at the targets.
+
+    The gradient of a sum is the same for every upstream gradient up to its scale, so with
+    reduce=True it is computed in the forward pass, while each chunk's logits exist, and the
+    backward pass only scales it: three matmuls per chunk, as without chunks. Per row, the
+    backward pass recomputes each chunk's logits: four.
+
+    Args:
+        hidden: (N, C); weight: (V, C); targets: (N,) long in [0, V). Under autocast the
+        matmuls run in its dtype; the softmax and the sums are fp32 or wider.
+    Returns:
+        (N,) or () fp32 (fp64 for fp64 inputs).
+    """
+    if hidden.shape[:-1] != targets.shape or hidden.dim() != 2:
+        raise ValueError(f"hidden (N, C) and targets (N,) disagree: {tuple(hidden.shape)} vs "
+                         f"{tuple(targets.shape)}")
+    chunk = chunk_rows or max(1, (1 << 22) // weight.shape[0])
+    early = (reduce and torch.is_grad_enabled() and (hidden.requires_grad, weight.requires_grad))
+    return _TokenLogps.apply(hidden, weight, targets, chunk, reduce, early or None)
+
+
+class _TokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, reduce, early):
+        dev = hidden.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else \
+            torch.promote_types(hidden.dtype, weight.dtype)
+        acc = torch.promote_types(dtype, torch.float32)  # the softmax and the sums
+        out = torch.empty(hidden.shape[0], device=hidden.device, dtype=acc)
+        lse = torch.empty_like(out)
+        ctx.chunk, ctx.dtype, ctx.reduce, ctx.early = chunk, dtype, reduce, early is not None
+        with torch.autocast(dev, enabled=False):
+            if early is not None:  # (need d_hidden, need d_weight)
+                ctx.save_for_backward(*_chunks(hidden, weight, targets, chunk, dtype, lse, out,
+                                               need=early))
+            else:
+                _chunks(hidden, weight, targets, chunk, dtype, lse, out)
+                ctx.save_for_backward(hidden, weight, targets, lse)
+        return out.sum() if reduce else out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.early:  # the gradient of the sum, computed in the forward pass: scale it
+            return *(None if d is None else d * grad.to(d.dtype) for d in ctx.saved_tensors), \
+                None, None, None, None
+        hidden, weight, targets, lse = ctx.saved_tensors
+        grad = grad.expand(hidden.shape[0]) if ctx.reduce else grad
+        with torch.autocast(hidden.device.type, enabled=False):
+            d_hidden, d_weight = _chunks(hidden, weight, targets, ctx.chunk, ctx.dtype, lse,
+                                         grad=grad, need=ctx.needs_input_grad[:2])
+        return d_hidden, d_weight, None, None, None, None
+
+
+def _chunks(hidden, weight, targets, chunk, dtype, lse, out=None, grad=None, need=(False, False)):
+    """One pass over chunks of rows, each projected to its logits z = h W^T. With `out`: fill
+    lse and out = log p at the targets. With need = (d_hidden?, d_weight?): also the gradients
+    of Σ_i grad_i·log p_i (grad None: all ones), from d log p_t / dz = onehot(t) − softmax(z)."""
+    acc = lse.dtype
+    w = weight.to(dtype)
+    d_hidden = torch.empty_like(hidden) if need[0] else None
+    d_weight = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need[1] else None
+    for s in range(0, hidden.shape[0], chunk):
+        h, t = hidden[s:s + chunk].to(dtype), targets[s:s + chunk, None]
+        z = (h @ w.T).to(acc)  # (n, V): the only logits that exist
+        if out is not None:
+            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
+            out[s:s + chunk] = z.gather(1, t).squeeze(1) - lse[s:s + chunk]
+        if not any(need):
+            continue
+        g = torch.ones_like(t, dtype=acc) if grad is None else grad[s:s + chunk, None].to(acc)
+        dz = z.sub_(lse[s:s + chunk, None]).exp_().mul_(-g).scatter_add_(1, t, g).to(dtype)
+        if d_hidden is not None:
+            d_hidden[s:s + chunk] = dz @ w
+        if d_weight is not None and dtype == acc:
+            d_weight.addmm_(dz.T, h)
+        elif d_weight is not None:  # half-precision products, summed in fp32
+            d_weight += (dz.T @ h).to(acc)
+    return d_hidden, None if d_weight is None else d_weight.to(weight.dtype)
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
@@ -294,28 +379,29 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return loss, reward_metrics(beta * chosen, beta * rejected)
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor,
+def sft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
              ignore_index: int = -100) -> Tuple[torch.Tensor, Metrics]:
-    """Supervised fine-tuning: token-mean cross-entropy over the non-ignored targets.
+    """Supervised fine-tuning: token-mean cross-entropy over the non-ignored targets,
 
-        L_sft = −(1/N) Σ_{t: y_t ≠ ignore} log p(y_t | x, y_<t)
+        L_sft = −(1/N) Σ_{t: y_t ≠ ignore} log p(y_t | x, y_<t),
+
+    computed from the hidden states and the LM head (token_logps), so that the logits of ignored
+    positions are never computed, and the others never all held at once.
 
     Args:
-        logits: (N, V) or (B, T, V); labels: (N,) or (B, T), already aligned.
+        hidden: (N, C) or (B, T, C) final hidden states; weight: (V, C) the LM head;
+        labels: (N,) or (B, T), already aligned (position t's target is token t+1).
     Returns:
         loss: () scalar (0, still connected to the graph, if there are no targets);
         metrics: {"loss/sft": detached (), "tokens": () long, the number N of targets}.
     """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits (..., V) and labels (...) disagree: "
-                         f"{tuple(logits.shape)} vs {tuple(labels.shape)}")
-    flat_logits = _upcast(logits).reshape(-1, logits.size(-1))  # (N, V)
-    flat_labels = labels.reshape(-1)  # (N,)
-    n_tokens = (flat_labels != ignore_index).sum()
-    # sum / max(N, 1) equals reduction="mean" when N > 0, and gives a graph-connected 0 instead of
-    # 0/0 = NaN when every target is ignored, without a device->host sync to test for N == 0.
-    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum")
-    loss = total / n_tokens.clamp(min=1)
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden (..., C) and labels (...) disagree: "
+                         f"{tuple(hidden.shape)} vs {tuple(labels.shape)}")
+    keep = labels != ignore_index
+    n_tokens = keep.sum()
+    # sum / max(N, 1): the mean when N > 0, and a graph-connected 0 when every target is ignored
+    loss = -token_logps(hidden[keep], weight, labels[keep], reduce=True) / n_tokens.clamp(min=1)
     return loss, {"loss/sft": loss.detach(), "tokens": n_tokens.detach()}
 
 

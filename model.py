@@ -257,8 +257,13 @@ class Transformer(nn.Module):
         return ModelOutput(h, logits)
 
     def lm_logits(self, h):
-        """The LM head, (..., C) -> (..., V): the embedding matrix, or lm.output when untied."""
-        return F.linear(h, self.embed.weight if self.output is None else self.output.weight)
+        """The LM head, (..., C) -> (..., V)."""
+        return F.linear(h, self.lm_weight)
+
+    @property
+    def lm_weight(self):
+        """The LM head's (V, C) matrix: the embedding matrix, or lm.output when untied."""
+        return self.embed.weight if self.output is None else self.output.weight
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -359,6 +364,10 @@ class DPHModel(nn.Module):
 
     def forward(self, idx, pos=None, mask=None, cache=None, logits_at=None) -> ModelOutput:
         return self.lm(idx, pos, mask, cache, logits_at)
+
+    @property
+    def lm_weight(self):
+        return self.lm.lm_weight
 
     def reward(self, hidden, index):
         if self.head is None:

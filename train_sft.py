@@ -95,12 +95,12 @@ def validation_loss(model, stream, n, device, dtype):
 
 
 def step_loss(model, b, device, dtype):
-    """Cross-entropy on the trained positions only: logits are never built elsewhere."""
+    """Cross-entropy on the trained positions only (losses.sft_loss: logits are never built
+    elsewhere, nor all held at once)."""
     idx, tgt, pos, doc = (t.to(device, non_blocking=True) for t in (b.idx, b.targets, b.pos, b.doc))
-    where = tgt != -100
     with plumbing.autocast(device, dtype):
-        out = model(idx, pos, attention_mask(doc), logits_at=where)
-    return sft_loss(out.logits.float(), tgt[where])
+        out = model(idx, pos, attention_mask(doc))
+        return sft_loss(out.hidden, model.lm_weight, tgt)
 
 
 def main(argv=None):

@@ -341,6 +341,10 @@ class DDP(torch.nn.parallel.DistributedDataParallel):
     def reward(self, hidden, index):
         return self.module.reward(hidden, index)
 
+    @property
+    def lm_weight(self):  # the LM head, which the losses apply to the hidden states
+        return self.module.lm_weight
+
 
 def my_rows(dist: Dist, *tensors) -> list:
     """This rank's rows of each (B, ...) tensor of a global batch: rows rank, rank + world, ...

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from losses import (answer_logps, contrastive_dph_loss, dph_loss, dpo_loss, items_dph_loss,
-                    listwise_dph_loss, reward_penalty, separable_dph_loss, sft_loss)
+                    listwise_dph_loss, reward_penalty, separable_dph_loss, sft_loss,
+                    token_logps)
 
 DPH_LOSSES = [separable_dph_loss, contrastive_dph_loss]
 METRIC_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"}
@@ -318,69 +319,158 @@ def _sites(labels):
     return rows, labels[keep], torch.arange(B).unsqueeze(1).expand(B, T)[keep]
 
 
+def _head(seed=0, N=10, C=6, V=7, dtype=torch.float64):
+    """Hidden states and an LM head whose logits hidden @ weight.T are the reference."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, C, generator=g, dtype=dtype, requires_grad=True)
+    weight = torch.randn(V, C, generator=g, dtype=dtype, requires_grad=True)
+    return hidden, weight
+
+
 def test_answer_logps_matches_hand_gather():
-    logits, labels = _logits_and_labels()
-    V = logits.size(-1)
+    _, labels = _logits_and_labels()
+    hidden, weight = _head()
     row, tgt, seq = _sites(labels)
-    lp = answer_logps(logits.reshape(-1, V), row, tgt, seq, labels.size(0))
-    assert lp.shape == (2,) and lp.dtype == torch.float32
-    logp = torch.log_softmax(logits.detach(), dim=-1)
+    lp = answer_logps(hidden, weight, row, tgt, seq, labels.size(0))
+    assert lp.shape == (2,)
+    logp = torch.log_softmax(hidden.detach() @ weight.detach().T, dim=-1).view(2, 5, -1)
     for b in range(labels.size(0)):
         want = sum(logp[b, s, labels[b, s]].item() for s in range(labels.size(1))
                    if labels[b, s] != -100)
-        assert lp[b].item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+        assert lp[b].item() == pytest.approx(want, rel=1e-9)
     assert (lp < 0).all()
 
 
 def test_answer_logps_keep_subset_and_bf16():
-    logits, labels = _logits_and_labels()
-    V = logits.size(-1)
+    _, labels = _logits_and_labels()
+    hidden, weight = _head(dtype=torch.float32)
     row, tgt, seq = _sites(labels)
-    lp = answer_logps(logits.detach().bfloat16().reshape(-1, V), row, tgt, seq, 2)
+    lp = answer_logps(hidden.detach().bfloat16(), weight.detach().bfloat16(), row, tgt, seq, 2)
     assert lp.dtype == torch.float32
-    full = answer_logps(logits.detach().reshape(-1, V), row, tgt, seq, 2)
-    assert lp.tolist() == pytest.approx(full.tolist(), rel=2e-2)
+    full = answer_logps(hidden.detach(), weight.detach(), row, tgt, seq, 2)
+    assert full.dtype == torch.float32
+    assert lp.tolist() == pytest.approx(full.tolist(), rel=5e-2)
     keep = torch.zeros_like(seq, dtype=torch.bool)
     keep[0] = True  # only the first site of answer 0
-    part = answer_logps(logits.detach().reshape(-1, V), row, tgt, seq, 2, keep=keep)
-    first = torch.log_softmax(logits.detach().reshape(-1, V)[row[0]], -1)[tgt[0]].item()
+    part = answer_logps(hidden.detach(), weight.detach(), row, tgt, seq, 2, keep=keep)
+    first = torch.log_softmax(hidden.detach()[row[0]] @ weight.detach().T, -1)[tgt[0]].item()
     assert part.tolist() == pytest.approx([first, 0.0], rel=1e-5, abs=1e-6)
 
 
 def test_answer_logps_gradient_reaches_only_the_sites_rows():
-    logits, labels = _logits_and_labels()
-    V = logits.size(-1)
+    _, labels = _logits_and_labels()
+    hidden, weight = _head()
     row, tgt, seq = _sites(labels)
-    answer_logps(logits.reshape(-1, V), row, tgt, seq, 2).sum().backward()
-    assert torch.isfinite(logits.grad).all()
-    # ignored positions get no gradient at all
-    assert (logits.grad[0, :2] == 0).all() and (logits.grad[1, -1] == 0).all()
+    answer_logps(hidden, weight, row, tgt, seq, 2).sum().backward()
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+    # ignored positions (rows 0, 1 and 9) get no gradient at all
+    assert (hidden.grad[[0, 1, 9]] == 0).all() and (hidden.grad[2:9] != 0).any(dim=1).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_token_logps_equals_the_plain_log_softmax_values_and_gradients(chunk):
+    """The chunked LM head is exact: the values and both gradients of log_softmax(h W^T) at the
+    targets, for chunks that divide N, do not, and exceed it; and a non-uniform upstream
+    gradient (as cDPO's log-ratio sends) reaches each row with its own weight."""
+    hidden, weight = _head(N=10, C=6, V=11)
+    targets = torch.randint(0, 11, (10,), generator=torch.Generator().manual_seed(1))
+    up = torch.linspace(-2.0, 3.0, 10, dtype=torch.float64)
+    got = token_logps(hidden, weight, targets, chunk_rows=chunk)
+    (got * up).sum().backward()
+    g_h, g_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    want = torch.log_softmax(hidden @ weight.T, -1).gather(1, targets[:, None]).squeeze(1)
+    (want * up).sum().backward()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_h, hidden.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_w, weight.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_token_logps_sum_computes_its_gradient_early_and_exactly(chunk):
+    """reduce=True: the gradient is computed in the forward pass and scaled by the upstream
+    gradient in the backward pass; it equals the plain one, for any scale."""
+    hidden, weight = _head(N=9, C=5, V=13)
+    targets = torch.randint(0, 13, (9,), generator=torch.Generator().manual_seed(3))
+    got = token_logps(hidden, weight, targets, reduce=True, chunk_rows=chunk)
+    assert got.shape == ()
+    (-0.37 * got).backward()
+    g_h, g_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    want = torch.log_softmax(hidden @ weight.T, -1).gather(1, targets[:, None]).sum()
+    (-0.37 * want).backward()
+    torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_h, hidden.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_w, weight.grad, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # no gradient work at all, the same value
+        assert token_logps(hidden, weight, targets, reduce=True).item() == pytest.approx(
+            want.item(), rel=1e-12)
+
+
+def test_token_logps_fp32_and_autocast_match_the_plain_computation():
+    hidden, weight = _head(N=33, C=16, V=50, dtype=torch.float32)
+    targets = torch.randint(0, 50, (33,), generator=torch.Generator().manual_seed(2))
+    got = token_logps(hidden, weight, targets, chunk_rows=8)
+    got.sum().backward()
+    g_h, g_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    want = torch.log_softmax(hidden @ weight.T, -1).gather(1, targets[:, None]).squeeze(1)
+    want.sum().backward()
+    scale = want.abs().max().item()  # tolerances relative to the values' size
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(g_h, hidden.grad, rtol=1e-4, atol=1e-5 * hidden.grad.abs().max().item())
+    torch.testing.assert_close(g_w, weight.grad, rtol=1e-4, atol=1e-5 * weight.grad.abs().max().item())
+    # under bf16 autocast the matmuls run in bf16, the softmax in fp32; gradients keep the dtypes
+    hidden.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = token_logps(hidden, weight, targets, chunk_rows=8)
+    low.sum().backward()
+    assert low.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == torch.float32
+    torch.testing.assert_close(low, want.detach(), rtol=5e-2, atol=5e-2 * scale)
+
+
+def test_token_logps_rejects_mismatched_shapes_and_handles_no_rows():
+    hidden, weight = _head(N=4, C=3, V=5)
+    with pytest.raises(ValueError, match="disagree"):
+        token_logps(hidden, weight, torch.zeros(3, dtype=torch.long))
+    empty = token_logps(hidden[:0], weight, torch.zeros(0, dtype=torch.long))
+    assert empty.shape == (0,)
+    empty.sum().backward()
+    assert (weight.grad == 0).all()
 
 
 # ----------------------------------------------------------------------------------------------
 # SFT
 
 def test_sft_loss_equals_cross_entropy_on_targets():
-    logits, labels = _logits_and_labels()
-    loss, m = sft_loss(logits, labels)
-    keep = labels != -100
-    expected = F.cross_entropy(logits[keep], labels[keep])
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    _, labels = _logits_and_labels()
+    hidden, weight = _head()
+    loss, m = sft_loss(hidden.view(2, 5, -1), weight, labels)
+    keep = labels.reshape(-1) != -100
+    expected = F.cross_entropy((hidden @ weight.T)[keep], labels.reshape(-1)[keep])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
     assert m["tokens"].item() == 7
     assert m["loss/sft"].item() == pytest.approx(loss.item()) and not m["loss/sft"].requires_grad
-    # the (N, V) form gives the same number
-    flat, _ = sft_loss(logits.reshape(-1, 7), labels.reshape(-1))
-    assert flat.item() == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
+    # the (N, C) form gives the same number, and the gradients are the plain cross-entropy's
+    flat, _ = sft_loss(hidden, weight, labels.reshape(-1))
+    assert flat.item() == pytest.approx(loss.item(), rel=1e-12)
+    flat.backward()
+    g_h, g_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    F.cross_entropy(hidden @ weight.T, labels.reshape(-1), ignore_index=-100).backward()
+    torch.testing.assert_close(g_h, hidden.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_w, weight.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_sft_loss_all_ignored_is_zero_with_grad():
-    logits = torch.randn(2, 3, 5, requires_grad=True)
-    labels = torch.full((2, 3), -100)
-    loss, m = sft_loss(logits, labels)
+    hidden, weight = _head(N=6)
+    labels = torch.full((6,), -100)
+    loss, m = sft_loss(hidden, weight, labels)
     assert torch.isfinite(loss) and loss.item() == 0.0
     assert loss.requires_grad
     loss.backward()
-    assert (logits.grad == 0).all()
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all()
     assert m["tokens"].item() == 0
 
 

@@ -1,7 +1,9 @@
 """--resume of runs written by the code as it was before its modules moved into plumbing/, tasks/,
 tokenizer/ and inference/ (commit aa2957f). The old code, taken from git history, trains and is
 killed mid-run; the current code resumes the run, and its final weights equal those of an
-uninterrupted run of the old code. Skipped where the checkout has no git history."""
+uninterrupted run of the old code (up to float rounding: the current code computes the LM head's
+cross-entropy chunk by chunk, losses.token_logps, so its sums round differently). Skipped where
+the checkout has no git history."""
 import io
 import os
 import signal
@@ -70,11 +72,17 @@ def weights(path):
     return torch.load(os.path.join(path, "model.pt"), weights_only=True)
 
 
-def assert_same_weights(a, b):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), f"{k} differs"
+def assert_same_run(resumed, whole, at_kill):
+    """The resumed run's weights match the uninterrupted run's: each tensor's distance to them is
+    under 0.5% of how far the uninterrupted run moved that tensor after the kill (measured: at
+    most 0.003%; a resume that got the schedule or the optimizer state wrong is off by far more)."""
+    wr, ww = weights(resumed), weights(whole)
+    assert wr.keys() == ww.keys() == at_kill.keys()
+    for k in wr:
+        moved = (ww[k] - at_kill[k]).abs().max().item()
+        assert moved > 0, f"{k} did not train after the kill"
+        gap = (wr[k] - ww[k]).abs().max().item()
+        assert gap <= 0.005 * moved, f"{k}: resumed vs uninterrupted {gap:.3g}, moved {moved:.3g}"
 
 
 def test_current_code_resumes_old_sft_and_dph_runs(old_tree, tmp_path):
@@ -84,9 +92,10 @@ def test_current_code_resumes_old_sft_and_dph_runs(old_tree, tmp_path):
         whole = pool.submit(run, old_tree, "train_sft.py", *SFT_ARGS, "--out", whole_sft)
         killed_old_run(old_tree, "train_sft.py", SFT_ARGS, killed_sft)
         whole.result()
+    at_kill = weights(killed_sft)
     r = run(ROOT, "train_sft.py", *SFT_ARGS, "--out", killed_sft, "--resume")
     assert f"resuming {killed_sft} at step 2 of 6" in r.stdout
-    assert_same_weights(killed_sft, whole_sft)
+    assert_same_run(killed_sft, whole_sft, at_kill)
 
     whole_dph, killed_dph = f"{t}/dph-whole", f"{t}/dph-killed"
     with ThreadPoolExecutor(1) as pool:
@@ -94,9 +103,10 @@ def test_current_code_resumes_old_sft_and_dph_runs(old_tree, tmp_path):
                             "--out", whole_dph)
         killed_old_run(old_tree, "train_dph.py", DPH_ARGS + ["--init", whole_sft], killed_dph)
         whole.result()
+    at_kill = weights(killed_dph)
     r = run(ROOT, "train_dph.py", "--out", killed_dph, "--resume")
     assert f"resuming {killed_dph} at step 2 of 6" in r.stdout
-    assert_same_weights(killed_dph, whole_dph)
+    assert_same_run(killed_dph, whole_dph, at_kill)
     # and the resumed checkpoint loads and evaluates with the current code
     run(ROOT, "evaluate.py", "--sft", whole_sft, "--dph", killed_dph, "--max-examples", "8",
         "--out", f"{t}/eval", "--device", "cpu")

@@ -459,14 +459,13 @@ def sft_workload(name, mode, batches, args, device, dtype):
     def fn():
         b = batches[state["i"] % len(batches)]
         state["i"] += 1
-        where = b.targets != IGNORE  # logits only where there is a target
         if mode == "packed_masked":  # what train_sft.step_loss does
             pos, mask = b.pos, attention_mask(b.doc)
         else:  # plain causal: is_causal SDPA, positions 0..T-1
             pos, mask = None, None
-        with plumbing.autocast(device, dtype):
-            out = fwd(b.idx, pos, mask, logits_at=where)
-        loss, _ = sft_loss(out.logits.float(), b.targets[where])
+        with plumbing.autocast(device, dtype):  # logits only where there is a target
+            out = fwd(b.idx, pos, mask)
+            loss, _ = sft_loss(out.hidden, model.lm_weight, b.targets)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
