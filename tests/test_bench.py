@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -75,3 +77,41 @@ def test_bench_quick_writes_every_section(tmp_path):
     for t in R["targets"]:
         assert isinstance(t["pass"], bool) and isinstance(t["value"], float)
     assert ("PASS" in r.stdout) or ("MISS" in r.stdout)
+
+
+def _bench(args, hide_transformers=False, timeout=180):
+    code = ("import runpy, sys\n"
+            + ("sys.modules['transformers'] = None  # import transformers -> ImportError\n"
+               if hide_transformers else "")
+            + f"sys.argv = ['bench'] + {list(args)!r}\n"
+            "runpy.run_module('tools.bench', run_name='__main__')\n")
+    env = {k: v for k, v in os.environ.items() if k != "DPH_DATA"}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_peers_without_transformers_is_a_one_line_error(tmp_path):
+    out = tmp_path / "bench.json"
+    r = _bench(["--quick", "--peers", "--out", str(out)], hide_transformers=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip() == ("error: --peers compares with Hugging Face transformers, which "
+                                "is not installed: pip install transformers")
+    assert not out.exists()  # it fails before measuring anything
+
+
+def test_peers_quick_times_the_same_work_as_transformers(tmp_path):
+    """Where transformers is installed: the four comparisons run, and before timing each one
+    checked that both sides compute the same numbers from the same weights."""
+    pytest.importorskip("transformers", reason="transformers is not installed (never a "
+                                               "requirement; --peers needs it)")
+    out = tmp_path / "bench.json"
+    r = _bench(["--quick", "--sections", "peers", "--threads", "1", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    P = json.loads(out.read_text())["peers"]
+    assert set(P["work"]) == {"pretrain tiny", "sft25 tiny", "reward tiny", "choice tiny"}
+    for name, w in P["work"].items():
+        assert positive(w["project"][f"{w['unit']}_per_s"]) and positive(w["hf"][f"{w['unit']}_per_s"])
+        assert positive(w["speedup"]["median"])
+        if name != "sft25 tiny":  # HF has no document masks: its SFT loss differs by design
+            assert w["same_output"]["max_relative_difference"] <= 1e-4
+    assert "Against Hugging Face transformers" in r.stdout

@@ -79,6 +79,8 @@ from tokenizer.chatml import IGNORE, sft_document
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 SECTIONS = ("peak", "packing", "sft", "dph", "eval", "generate", "frozen", "memory")
+# not run by default: needs transformers (--peers, or --sections peers)
+OPTIONAL_SECTIONS = ("peers",)
 REAL_TASKS = "glue/sst2,glue/cola,glue/mrpc,glue/rte,glue/stsb,boolq,arc/easy,piqa,winogrande"
 SFT_MODES = {  # name -> what it is
     "packed_masked": "packed, document masks (training path)",
@@ -92,7 +94,15 @@ TARGETS = {  # name -> (op, threshold)
     "KV-cache speedup": (">=", 5.0),
     "SFT MFU": (">=", 0.50),
     "doc-mask cost": ("<=", 0.15),
+    "peers pretrain small": (">=", 1.25),  # the project vs Hugging Face (tools/peers.py)
+    "peers pretrain base": (">=", 1.15),
+    "peers sft25": (">=", 1.6),
+    "peers reward": (">=", 1.85),
+    "peers choice": (">=", 2.0),
 }
+PEER_WORK = {"pretrain": "LM training step, every position a target",
+             "sft25": "SFT step, 25% of positions targets, 4 documents per row",
+             "reward": "pairwise reward step", "choice": "multiple-choice scoring (HF: KV cache)"}
 
 
 
@@ -131,6 +141,9 @@ def parse_args(argv=None):
     p.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "default"],
                    help="OMP_WAIT_POLICY set before torch is imported (an existing environment "
                         "variable wins); 'default' leaves it unset")
+    p.add_argument("--peers", action="store_true",
+                   help="also compare with Hugging Face transformers on the same work "
+                        "(tools/peers.py; needs transformers installed)")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--seq-len", type=int, default=None, help="SFT row length (default 512)")
@@ -164,9 +177,11 @@ def parse_args(argv=None):
         if getattr(a, k) is None:
             setattr(a, k, v)
     a.sections = [s.strip() for s in a.sections.split(",") if s.strip()]
-    bad = [s for s in a.sections if s not in SECTIONS]
+    if a.peers and "peers" not in a.sections:
+        a.sections.append("peers")
+    bad = [s for s in a.sections if s not in SECTIONS + OPTIONAL_SECTIONS]
     if bad:
-        p.error(f"--sections: unknown {bad}; choose from {', '.join(SECTIONS)}")
+        p.error(f"--sections: unknown {bad}; choose from {', '.join(SECTIONS + OPTIONAL_SECTIONS)}")
     a.presets = [s.strip() for s in a.presets.split(",") if s.strip()]
     return a
 
@@ -928,6 +943,15 @@ def check_targets(R, args) -> list:
                 "doc-mask cost", r["mask_cost"],
                 f"rounds {r['mask_cost_rounds_range'][0]:.1%} to "
                 f"{r['mask_cost_rounds_range'][1]:.1%}")
+    for name, w in R.get("peers", {}).get("work", {}).items():
+        kind, shape = name.split()
+        key = next((k for k in (f"peers {kind} {shape}", f"peers {kind}") if k in TARGETS
+                    and shape != "tiny"), None)  # --quick's tiny shapes have no target
+        if key is None:
+            continue
+        sp = w["speedup"]
+        add(f"{PEER_WORK[kind]} ({shape}) ≥ {TARGETS[key][1]}× Hugging Face", key, sp["median"],
+            f"rounds {sp['rounds_range'][0]:.2f}-{sp['rounds_range'][1]:.2f}×")
     return out
 
 
@@ -1015,6 +1039,9 @@ def fmt_table(R) -> str:
                  f"{a['causal']['kernel']} ({a['note']})")
     if "memory" in R and "method" in R["memory"]:
         L.append(f"memory: {R['memory']['method']}")
+    if "peers" in R:
+        from tools import peers
+        L += [""] + peers.fmt(R["peers"])
     L.append("")
     if R["config"]["quick"]:
         L.append("(--quick: tiny shapes, one short round; the targets are meant for the full run)")
@@ -1056,6 +1083,9 @@ def main(argv=None):
     def log(msg):
         print(f"[{time.time() - t_start:6.1f}s] {msg}", flush=True)
 
+    if "peers" in secs:  # fail before anything runs when transformers is missing
+        from tools import peers
+        peers.require_transformers()
     tok, train = builtin_data(args)
     log(f"built-in suite: {sum(map(len, train.values()))} conversations, tokenizer vocabulary "
         f"{len(tok)} (model vocabulary {args.vocab_size or 'of the preset, else 8192'})")
@@ -1125,6 +1155,8 @@ def main(argv=None):
                                            2, lo, len(tok), tok, args.seed)
         R["frozen"] = {"preset": cp, **run_frozen(cp, data, tok, args, device, dtype, sync)}
         log(f"frozen: cached/backbone {R['frozen']['speedup']}")
+    if "peers" in secs:
+        R["peers"] = peers.run(args, device, dtype, sync, compare, speedup, rate_summary, log)
     name0 = args.presets[0] if args.presets else cp
     m0 = build_model(name0, args, torch.device("cpu"))
     R["attention_backend"] = attention_backend(m0.cfg, args.sft_batch, args.seq_len, device, dtype)
@@ -1149,4 +1181,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    plumbing.run_main(main)
