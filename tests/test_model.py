@@ -4,7 +4,6 @@ checkpoints under weights_only=True, preset sizes, generation and the preference
 
 All models are tiny, random and float32 on the CPU."""
 import json
-import math
 import os
 import shutil
 
@@ -504,3 +503,51 @@ def test_unknown_pooler_and_default_head_width():
     m = DPHModel(preset("tiny", vocab_size=64), head=dict(pooler="swiglu"))
     assert m.head.pooler.w2.in_features == m.cfg.ffn_dim  # add_head defaults to the model's ffn
     assert m.head_cfg == {"pooler": "swiglu", "dropout": 0.0, "ffn_dim": m.cfg.ffn_dim}
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE: the complex form (eager) and the real form (torch.compile) are one rotation
+
+def test_rope_real_form_equals_complex_form():
+    from model import apply_rope, rope_table
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 8, generator=g)
+    pos = torch.randint(0, 16, (2, 7), generator=g)
+    table = rope_table(8, 16, 10000.0)
+    cplx = apply_rope(x, table[pos].unsqueeze(1))
+    real = apply_rope(x, torch.view_as_real(table)[pos].unsqueeze(1))
+    torch.testing.assert_close(real, cplx, rtol=1e-6, atol=1e-6)
+    # a rotation: each feature pair keeps its length, and position 0 is the identity
+    pairs = lambda t: t.unflatten(-1, (-1, 2)).norm(dim=-1)  # noqa: E731
+    torch.testing.assert_close(pairs(real), pairs(x), rtol=1e-5, atol=1e-6)
+    zero = torch.zeros_like(pos)
+    torch.testing.assert_close(apply_rope(x, torch.view_as_real(table)[zero].unsqueeze(1)), x)
+
+
+def test_compiled_forward_uses_the_real_rope_and_matches_eager(tiny, vocab):
+    """Under torch.compile the model takes the real RoPE table (no complex op left for
+    Inductor to run eagerly) and gives eager's hidden states. (Traced with the aot_eager
+    backend: no C++ compiler needed, the same graph Inductor would get.)"""
+    idx = rand_ids(24, vocab, seed=3).view(2, 12)
+    doc = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+    pos = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12).clone()
+    pos[1] = torch.arange(12)
+    mask = attention_mask(doc)
+    with torch.no_grad():
+        eager = tiny.lm(idx, pos, mask).hidden
+        seen = []
+        import model as model_module
+        real_apply = model_module.apply_rope
+
+        def spy(x, rot):
+            seen.append(rot.is_complex())
+            return real_apply(x, rot)
+        model_module.apply_rope = spy
+        try:
+            torch._dynamo.reset()
+            compiled = torch.compile(tiny.lm, backend="aot_eager")(idx, pos, mask).hidden
+        finally:
+            model_module.apply_rope = real_apply
+            torch._dynamo.reset()
+    assert seen and not any(seen)  # traced with the real table only
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
