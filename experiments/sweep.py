@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import statistics
@@ -62,7 +63,8 @@ def run_seed(seed: int, a, threads: int) -> dict:
         times["eval"] = stage(["evaluate.py", "--sft", sft, "--dph", dph, "--out", ev]
                               + shlex.split(a.eval), os.path.join(d, "eval.log"), threads)
     res = json.load(open(os.path.join(ev, "results.json")))
-    out = {"seed": seed, "table": res["table"], "seconds": times}
+    out = {"seed": seed, "table": res["table"], "seconds": times,
+           "head_vs_lm": head_vs_lm(os.path.join(ev, "predictions.jsonl"))}
     if a.bestofn:
         bo = os.path.join(d, f"bestofn-{a.bestofn}x{a.n}", "generate.json")  # one per size
         if not os.path.exists(bo):
@@ -73,6 +75,28 @@ def run_seed(seed: int, a, threads: int) -> dict:
                                      os.path.join(d, "bestofn.log"), threads)
         out["bestofn"] = json.load(open(bo))
     return out
+
+
+def head_vs_lm(path: str) -> dict:
+    """How much the head says beyond the LM readout of the same (DPH) model, over every test
+    item: the Pearson correlation of the two readouts after centring each within its item (only
+    the ranking inside an item matters), and how often both pick the same candidate."""
+    xs, ys, same, n = [], [], 0, 0
+    for line in open(path):
+        d = json.loads(line).get("dph", {})
+        r, lm = d.get("reward"), d.get("lm_mean")
+        if not r or not lm or len(r) < 2:
+            continue
+        xs += [v - statistics.mean(r) for v in r]
+        ys += [v - statistics.mean(lm) for v in lm]
+        same += max(range(len(r)), key=r.__getitem__) == max(range(len(lm)), key=lm.__getitem__)
+        n += 1
+    if n == 0:
+        return {}
+    sx = math.sqrt(sum(x * x for x in xs)) or 1.0
+    sy = math.sqrt(sum(y * y for y in ys)) or 1.0
+    return {"correlation": sum(x * y for x, y in zip(xs, ys)) / (sx * sy), "same_pick": same / n,
+            "items": n}
 
 
 def mean_sd(xs: list) -> tuple:
@@ -94,6 +118,9 @@ def summarise(runs: list) -> dict:
             wins = sum(summary["rows"][a][c][0] >= summary["rows"][b][c][0] for c in fams)
             summary["margins"][f"{a}-{b}"] = {"average": mean_sd(diffs), "per_seed": diffs,
                                               "families_ge": wins, "families": len(fams)}
+    if all(r.get("head_vs_lm") for r in runs):
+        summary["head_vs_lm"] = {k: mean_sd([r["head_vs_lm"][k] for r in runs])
+                                 for k in ("correlation", "same_pick")}
     if all("bestofn" in r for r in runs):
         pickers = runs[0]["bestofn"]["exact_match"].keys()
         summary["bestofn"] = {p: mean_sd([100 * r["bestofn"]["exact_match"][p] for r in runs])
@@ -116,6 +143,11 @@ def format_summary(s: dict) -> str:
         lines.append(f"{k}: average {m['average'][0]:+.1f} ± {m['average'][1]:.1f} (per seed "
                      f"{per}); {m['families_ge']} of {m['families']} families "
                      f"{k.split('-')[0]} >= {k.split('-')[1]} on the seed mean")
+    if "head_vs_lm" in s:
+        (c, csd), (p, psd) = s["head_vs_lm"]["correlation"], s["head_vs_lm"]["same_pick"]
+        lines.append(f"head vs LM readout of the DPH model, within each test item: correlation "
+                     f"{c:.2f} ± {csd:.2f}, the same pick on {100 * p:.0f} ± {100 * psd:.0f}% "
+                     f"of items")
     if "bestofn" in s:
         lines.append("inference-time alignment, synth/instruct exact match: " + ", ".join(
             f"{p} {m:.1f} ± {sd:.1f}" for p, (m, sd) in s["bestofn"].items()))

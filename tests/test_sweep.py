@@ -51,3 +51,21 @@ def test_bad_flags_exit_with_a_one_line_error_naming_the_flag(argv, named, capsy
     assert e.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error:" in last and named in last
+
+
+def test_head_vs_lm_centres_within_items(tmp_path):
+    """The correlation ignores each item's offset (only rankings inside an item matter), and
+    'same pick' counts the items where both readouts choose the same candidate."""
+    lines = [  # item 1: the head is the LM readout shifted by +5 (perfectly correlated)
+        {"task": "t", "dph": {"reward": [6.0, 4.0, 5.0], "lm_mean": [1.0, -1.0, 0.0]}},
+        # item 2: opposite rankings
+        {"task": "t", "dph": {"reward": [0.0, 1.0], "lm_mean": [1.0, 0.0]}},
+        {"task": "t", "dph": {"reward": [1.0], "lm_mean": [0.0]}},  # one candidate: skipped
+        {"task": "t", "sft": {"lm_mean": [0.0, 1.0]}}]  # no DPH readouts: skipped
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = sweep.head_vs_lm(str(path))
+    assert r["items"] == 2 and r["same_pick"] == 0.5
+    # centred: item 1 gives (1,-1,0)·(1,-1,0) = 2, item 2 (-.5,.5)·(.5,-.5) = -0.5;
+    # norms sqrt(2.5) each: 1.5 / 2.5
+    assert r["correlation"] == pytest.approx(0.6)
