@@ -156,10 +156,19 @@ def lm_workloads(shape, kind, rows, T, vocab, device, dtype, seed=0):
         train_step(ours, opt_o, loss, device, dtype)
         return n_tgt
 
+    def project_full_logits():  # the same step with the plain loss: every target's logits
+        def loss():                # at once (the project's loss before losses.token_logps)
+            out = ours(x, pos, mask)
+            where = tgt != -100
+            return F.cross_entropy(F.linear(out.hidden[where], ours.lm_weight).float(),
+                                   tgt[where])
+        train_step(ours, opt_o, loss, device, dtype)
+        return n_tgt
+
     def peer():
         train_step(hf, opt_h, lambda: hf(input_ids=x, labels=labels).loss, device, dtype)
         return n_tgt
-    return {"project": project, "hf": peer}, n, checked
+    return {"project": project, "hf": peer, "full_logits": project_full_logits}, n, checked
 
 
 def choice_data(n_items, prompt_len, answer_len, k, vocab, seed):
@@ -266,6 +275,8 @@ def run(args, device, dtype, sync, compare, speedup, rate_summary, log) -> dict:
                              "project": rate_summary(st["project"], f"{unit}_per_s"),
                              "hf": rate_summary(st["hf"], f"{unit}_per_s"),
                              "speedup": speedup(st["project"], st["hf"])}
+        if "full_logits" in st:  # the chunked LM head vs all logits at once, same model
+            out["work"][name]["vs_full_logits"] = speedup(st["project"], st["full_logits"])
         log(f"peers {name}: project/HF {out['work'][name]['speedup']}")
         del fns
     return out
@@ -281,4 +292,8 @@ def fmt(P: dict) -> list:
         lo, hi = w["speedup"]["rounds_range"]
         L.append(f"{name:22s} {w['unit'] + '/s':>9} {w['project'][key]:10.1f} {w['hf'][key]:10.1f} "
                  f"{w['speedup']['median']:9.2f}x {lo:6.2f}-{hi:<6.2f}")
+    full = {n: w["vs_full_logits"]["median"] for n, w in P["work"].items() if "vs_full_logits" in w}
+    if full:
+        L.append("the project's step with losses.token_logps vs all target logits at once: "
+                 + ", ".join(f"{n} {v:.2f}x" for n, v in full.items()))
     return L
