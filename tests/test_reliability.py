@@ -495,3 +495,28 @@ def test_torchrun_two_ranks_match_one_process(zygote, script, sft_ckpt, tmp_path
     # (b) 2 ranks x batch 4 = 1 process x batch 8: each rank trained on its own half of the
     # same global batch (different halves, or the sum would not match), gradients averaged
     assert max_diff(weights(two), weights(one)) < 1e-5
+
+
+@pytest.mark.parametrize("env, tuned", [(None, True), ("tuned", True), ("default", False)])
+def test_scripts_tune_the_allocator_unless_told_not_to(monkeypatch, env, tuned):
+    """run_main (every script's entry point) keeps freed memory in the heap (glibc mallopt), so
+    steps do not pay page faults again; DPH_MALLOC=default leaves the allocator alone."""
+    import plumbing
+    calls = []
+    monkeypatch.setattr(plumbing, "tune_malloc", lambda: calls.append(1) or "tuned")
+    if env is None:
+        monkeypatch.delenv("DPH_MALLOC", raising=False)
+    else:
+        monkeypatch.setenv("DPH_MALLOC", env)
+    with pytest.raises(SystemExit) as e:
+        plumbing.run_main(lambda: 0)
+    assert e.value.code == 0 and calls == ([1] if tuned else [])
+
+
+def test_tune_malloc_reports_what_it_did():
+    import platform
+    import plumbing
+    state = plumbing.tune_malloc()  # in this test process: harmless (memory is kept, not lost)
+    assert state.startswith("tuned") or state.startswith("default")
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert state.startswith("tuned")

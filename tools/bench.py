@@ -190,28 +190,6 @@ def parse_args(argv=None):
 # Process settings
 
 
-def tune_malloc() -> str:
-    """glibc: serve every allocation from the heap and never give freed memory back (mallopt
-    M_MMAP_MAX = 0, M_TRIM_THRESHOLD and M_TOP_PAD large). By default glibc maps each large
-    block (activations, gradients) fresh from the kernel and unmaps it on free, so every step
-    pays page faults again; on this VM that cost 10-15% of an SFT step on padded rows and 5-10%
-    on packed ones, and 25-35% of a padded evaluation batch. The process keeps its peak memory."""
-    import ctypes
-    import ctypes.util
-    name = ctypes.util.find_library("c")
-    if not name or platform.system() != "Linux":
-        return "default (not glibc)"
-    try:
-        libc = ctypes.CDLL(name)
-        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
-        ok = (libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-              and libc.mallopt(M_TOP_PAD, 64 << 20) == 1)
-    except (OSError, AttributeError):
-        return "default (mallopt unavailable)"
-    return "tuned (mallopt: M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1, M_TOP_PAD=64MiB)" if ok \
-        else "default (mallopt refused)"
-
-
 # ----------------------------------------------------------------------------------------------
 # Timing: alternate the variants of a comparison, report medians
 
@@ -1063,7 +1041,7 @@ def main(argv=None):
     if args.memory_child:  # the default allocator: it gives memory back, so peaks are per step
         return memory_child(args.memory_child)
     if args.malloc == "tuned":
-        MALLOC_STATE = tune_malloc()
+        MALLOC_STATE = plumbing.tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = plumbing.resolve_device(args.device)
@@ -1181,4 +1159,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    os.environ["DPH_MALLOC"] = "default"  # run_main leaves the allocator to --malloc
     plumbing.run_main(main)
