@@ -66,7 +66,7 @@ class DPHConfig(RunConfig):
     layout: str = opt("shared", "shared: prompt once, answers as branches; padded: a row each",
                       ["shared", "padded"])
     batch_size: int = opt(16, "pairs per micro-batch")
-    max_steps: int = opt(400, "optimiser steps")
+    max_steps: int = opt(550, "optimiser steps")
     lr: float = opt(5e-4, "peak learning rate of the backbone")
     head_lr: float = opt(3e-3, "peak learning rate of the head and pooler")
     warmup_steps: int = opt(15, "linear warmup steps")
