@@ -51,7 +51,9 @@ class SFTConfig(RunConfig):
     proportional: bool = opt(False, "sample tasks in proportion to their size (default uniform)")
     eval_every: int = opt(100, "steps between validation losses")
     eval_batches: int = opt(4, "validation batches per evaluation")
-    dropout: float = opt(0.0, "dropout in the backbone")
+    dropout: float = opt(0.1, "dropout on the embeddings and residual branches (with --init: "
+                              "the checkpoint's own unless given)")
+    attn_dropout: float = opt(0.0, "dropout on the attention weights")
 
 
 # The interval of every int and float flag (plumbing.check_ranges; "max" = 2**63 - 1); the
@@ -61,6 +63,7 @@ RANGES = {
     "vocab_size": f"[{256 + len(SPECIALS)}, 1048576]",  # at least the bytes and the specials
     "seq_len": "[32, 1048576]", "weight_decay": "[0, 1000]", "kshot": "[1, 256]",
     "eval_batches": "[1, 65536]", "dropout": "[0, 1)",
+    "attn_dropout": "[0, 1)",
 }
 
 

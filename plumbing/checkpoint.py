@@ -131,9 +131,9 @@ def _check_model_config(cfg: "ModelConfig"):
         if kind == "float" and (not isinstance(v, (int, float)) or isinstance(v, bool)
                                 or not math.isfinite(v) or v < 0):
             raise ValueError(f"{f.name} must be a finite number >= 0, got {v!r}")
-    if not cfg.dropout < 1 or not cfg.rope_theta > 0:
-        raise ValueError(f"dropout {cfg.dropout} must be below 1 and rope_theta "
-                         f"{cfg.rope_theta} positive")
+    if not cfg.dropout < 1 or not cfg.attn_dropout < 1 or not cfg.rope_theta > 0:
+        raise ValueError(f"dropout {cfg.dropout} and attn_dropout {cfg.attn_dropout} must be "
+                         f"below 1 and rope_theta {cfg.rope_theta} positive")
     if cfg.max_seq_len > 2**21:  # its RoPE table is built whatever the weights say
         raise ValueError(f"max_seq_len {cfg.max_seq_len} is beyond 2**21 positions")
 

@@ -62,8 +62,9 @@ def init_lm(cfg, argv=None):
               f"model only, so the head is dropped (train_dph.py adds a new one)",
               file=sys.stderr)
         model.head, model.head_cfg = None, None
-    if "dropout" in explicit_flags(argv):
-        model.set_dropout(cfg.dropout)
+    given = explicit_flags(argv)  # the checkpoint's dropout rates stay unless a flag is given
+    model.set_dropout(cfg.dropout if "dropout" in given else model.cfg.dropout,
+                      cfg.attn_dropout if "attn_dropout" in given else model.cfg.attn_dropout)
     return model, tok
 
 
@@ -85,7 +86,7 @@ def sft_model(cfg, run, train: dict, argv=None):
                 tok.to_json() if dist.main else None, dist))
     mcfg = preset(cfg.preset, vocab_size=max(padded_vocab(len(tok)), preset(cfg.preset).vocab_size
                                              if cfg.preset == "paper" else 0),
-                  dropout=cfg.dropout)
+                  dropout=cfg.dropout, attn_dropout=cfg.attn_dropout)
     if cfg.seq_len > mcfg.max_seq_len:
         print(f"note: --seq-len {cfg.seq_len} is longer than the {cfg.preset} preset's "
               f"context {mcfg.max_seq_len}: the new model's context is {cfg.seq_len}",

@@ -111,11 +111,13 @@ def test_reward_is_read_only_at_im_end(tok):
 
 
 def test_set_dropout_reaches_attention(make_model):
-    model = make_model(dropout=0.1)
+    model = make_model(dropout=0.1, attn_dropout=0.2)
     attn = [m for m in model.modules() if isinstance(m, Attention)]
-    assert attn and all(a.dropout == 0.1 for a in attn)
+    assert attn and all(a.dropout == 0.2 for a in attn)
+    assert all(m.p == 0.1 for m in model.lm.modules() if isinstance(m, torch.nn.Dropout))
     model.set_dropout(0.0)  # what train_dph does: no dropout in the alignment stage
-    assert all(a.dropout == 0.0 for a in attn) and model.cfg.dropout == 0.0
+    assert all(a.dropout == 0.0 for a in attn)
+    assert model.cfg.dropout == 0.0 and model.cfg.attn_dropout == 0.0
     assert all(m.p == 0.0 for m in model.lm.modules() if isinstance(m, torch.nn.Dropout))
     x = torch.randint(0, 100, (2, 12))
     model.train()
