@@ -53,7 +53,8 @@ class SFTConfig(RunConfig):
     eval_batches: int = opt(4, "validation batches per evaluation")
     dropout: float = opt(0.1, "dropout on the embeddings and residual branches (with --init: "
                               "the checkpoint's own unless given)")
-    attn_dropout: float = opt(0.0, "dropout on the attention weights")
+    attn_dropout: float = opt(0.1, "dropout on the attention weights (with --init: the "
+                                   "checkpoint's own unless given)")
 
 
 # The interval of every int and float flag (plumbing.check_ranges; "max" = 2**63 - 1); the
