@@ -123,3 +123,24 @@ def test_set_dropout_reaches_attention(make_model):
     model.train()
     with torch.no_grad():  # in train mode, without dropout, two passes agree exactly
         assert torch.equal(model(x).hidden, model(x).hidden)
+
+
+def test_sft_init_keeps_the_checkpoints_dropout_unless_a_flag_is_given(make_model, tok, tmp_path):
+    """train_sft.py --init: the checkpoint's dropout rates stay (a pretrained model's are 0),
+    whatever the flags' defaults; --dropout / --attn-dropout on the command line override each
+    one on its own."""
+    from plumbing.checkpoint import save_checkpoint
+    from plumbing.inputs import init_lm
+    from train_sft import SFTConfig
+    m = make_model(dropout=0.05, attn_dropout=0.0)
+    m.head, m.head_cfg = None, None
+    save_checkpoint(tmp_path / "ck", m, tok.to_json())
+    for argv, want in (([], (0.05, 0.0)), (["--attn-dropout", "0.2"], (0.05, 0.2)),
+                       (["--dropout", "0"], (0.0, 0.0))):
+        cfg = SFTConfig(init=str(tmp_path / "ck"), dropout=0.1, attn_dropout=0.1)
+        for flag, v in zip(argv[::2], argv[1::2]):
+            setattr(cfg, flag[2:].replace("-", "_"), float(v))
+        model, _ = init_lm(cfg, argv)
+        assert (model.cfg.dropout, model.cfg.attn_dropout) == want, argv
+        assert {a.dropout for a in model.modules() if isinstance(a, Attention)} == {want[1]}
+        assert {d.p for d in model.lm.modules() if isinstance(d, torch.nn.Dropout)} == {want[0]}

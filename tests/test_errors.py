@@ -102,6 +102,7 @@ def test_defaults_pass_and_extremes_are_refused(script, tmp_path):
     ("train_sft.py", ["--eval-every", "0"], "--eval-every must be positive"),
     ("train_dph.py", ["--eval-every", "0"], "--eval-every must be positive"),
     ("train_sft.py", ["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    ("train_sft.py", ["--attn-dropout", "1"], "--attn-dropout must be in [0, 1)"),
     ("train_dph.py", ["--pooler-dropout", "2"], "--pooler-dropout must be in [0, 1)"),
     ("train_dph.py", ["--dph-weight", "0", "--dpo-weight", "0"], "nothing to train"),
     ("train_sft.py", ["--seed", str(2**64)], "--seed must be in [0,"),

@@ -49,6 +49,11 @@ def test_checkpoints_exist_and_parse(pipeline):
         cfg = json.loads((d / stage / "config.json").read_text())
         assert cfg["stage"] == stage and cfg["model"]["d_model"] == 64
     assert json.loads((d / "dph" / "config.json").read_text())["head"]["pooler"] == "identity"
+    # SFT ran with the default dropout (embeddings, residual branches, attention weights); the
+    # DPH stage turned all of it off
+    models = {s: json.loads((d / s / "config.json").read_text())["model"] for s in ("sft", "dph")}
+    assert (models["sft"]["dropout"], models["sft"]["attn_dropout"]) == (0.1, 0.1)
+    assert (models["dph"]["dropout"], models["dph"]["attn_dropout"]) == (0.0, 0.0)
     # the DPH stage inherited the SFT tokenizer
     assert (d / "sft" / "tokenizer.json").read_text() == (d / "dph" / "tokenizer.json").read_text()
     sft_log = read_jsonl(d / "sft" / "metrics.jsonl")
