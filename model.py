@@ -75,6 +75,8 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        if "attn_dropout" not in d:  # written before attn_dropout existed: then `dropout` also
+            d = {**d, "attn_dropout": d.get("dropout", 0.0)}  # dropped attention weights
         return cls(**d)
 
 

@@ -3,6 +3,7 @@ where the reward is read, head-only training leaving the LM untouched, logits on
 checkpoints under weights_only=True, preset sizes, generation and the preference-head poolers.
 
 All models are tiny, random and float32 on the CPU."""
+import dataclasses
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from losses import separable_dph_loss
 from plumbing.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from inference.generate import KVCache, generate, sample_next
-from model import DPHModel, PreferenceHead, attention_mask, padded_vocab, preset
+from model import DPHModel, ModelConfig, PreferenceHead, attention_mask, padded_vocab, preset
 
 ATOL = 1e-5  # float32: the same maths through different SDPA kernels/shapes agrees to ~1e-6
 
@@ -551,3 +552,12 @@ def test_compiled_forward_uses_the_real_rope_and_matches_eager(tiny, vocab):
             torch._dynamo.reset()
     assert seen and not any(seen)  # traced with the real table only
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_config_from_before_attn_dropout_keeps_its_attention_dropout():
+    """A config.json written before `attn_dropout` existed: its `dropout` also dropped the
+    attention weights, so loading it keeps that rate there."""
+    old = {k: v for k, v in dataclasses.asdict(ModelConfig(dropout=0.1)).items()
+           if k != "attn_dropout"}
+    assert ModelConfig.from_dict(old).attn_dropout == 0.1
+    assert ModelConfig.from_dict({**old, "attn_dropout": 0.0}).attn_dropout == 0.0
