@@ -1,6 +1,7 @@
 """Stage 2: Direct Preference Head training (the paper's alignment stage).
 
-Loads an SFT checkpoint, adds the preference head (pooler + w, no bias) and trains on
+Loads an SFT checkpoint, adds the preference head (pooler + w, no bias; w starts at zero,
+--head-init, so the head moves the backbone only once it has learned what to read) and trains on
 (prompt, chosen, rejected) pairs: choice tasks give chosen = the gold answer and rejected = every
 wrong candidate (--rejected all, the default; beyond the paper, and cheap in the shared-prefix
 layout), or one wrong candidate drawn uniformly afresh at each visit (--rejected one, the paper);
@@ -63,6 +64,9 @@ class DPHConfig(RunConfig):
     pooler: str = opt("identity", "head pooler (the authors' released model: swiglu)",
                       list(PreferenceHead.POOLERS))
     pooler_dropout: float = opt(0.0, "dropout inside the pooler")
+    head_init: str = opt("zero", "a fresh head's w: zero (every reward 0 at step 0, so the head's "
+                                 "first gradients into the backbone are 0; ours) or normal(0, 0.02)",
+                         ["zero", "normal"])
     layout: str = opt("shared", "shared: prompt once, answers as branches; padded: a row each",
                       ["shared", "padded"])
     batch_size: int = opt(16, "pairs per micro-batch")
@@ -147,7 +151,7 @@ def validation_rewards(model, items, cfg, device, dtype, end_id):
 
 def main(argv=None):
     run = plumbing.open_run(DPHConfig, __doc__.splitlines()[0], validate, argv,
-                            added={"contrast": "pairs"})  # runs from before --contrast
+                            added={"contrast": "pairs", "head_init": "normal"})  # older runs
     cfg, dist, device, dtype = run.cfg, run.dist, run.device, run.dtype
     if run.state is not None:  # the run's own tokenizer, model with head, starting weights
         (model, tok), init_config = run.resumed_model(), run.state["prior"]

@@ -14,6 +14,8 @@ import dataclasses
 import random
 import sys
 
+import torch
+
 from data import make_pairs
 from model import DPHModel, padded_vocab, preset
 from plumbing import (UsageError, broadcast_object, check_fit, check_items_fit, explicit_flags,
@@ -35,6 +37,10 @@ def continue_head(model, cfg, argv=None):
             print(f"note: --new-head: the trained head of {cfg.init} is replaced by a fresh "
                   f"{cfg.pooler} head", file=sys.stderr)
         model.add_head(cfg.pooler, cfg.pooler_dropout)
+        if cfg.head_init == "zero":
+            # r = wᵀ f(h) is 0 for every answer, and the DPH loss's gradient into the backbone
+            # is ∝ w: it starts at 0 and then grows along what w has learned to read
+            torch.nn.init.zeros_(model.head.score.weight)
         return
     kind = model.head_cfg.get("pooler")
     if "pooler" in explicit_flags(argv) and cfg.pooler != kind:
