@@ -10,6 +10,7 @@ Reading order, as in the paper:
                               returns the final normed hidden state and computes LM logits only
                               at the positions asked for
     attention_mask            block-diagonal (packing) and tree-shaped (shared prefix) masks
+    use_attention, block_mask SDPA with the dense mask, or FlexAttention skipping hidden tiles
     PreferenceHead            pooler f (identity | affine | swiglu) then r = wᵀ f(h), no bias (the paper's poolers)
     DPHModel                  backbone + head; freeze_backbone(); the reward path never touches the
                               LM head, so LM outputs are unchanged by head training
@@ -21,6 +22,7 @@ grouped-query attention), D head dim, V vocabulary.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, fields
 from typing import NamedTuple, Optional
@@ -162,7 +164,12 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, D), S = cached + T
         drop = self.dropout if self.training else 0.0
         gqa = {"enable_gqa": True} if self.n_kv != self.n_heads else {}
-        if mask is None:  # plain causal (no cache, or an empty one); or one new token after a
+        if is_block_mask(mask):  # Transformer.attention == "flex": skip the blocks it hides
+            if drop:
+                raise ValueError("flex attention has no attention dropout: set it to 0 "
+                                 "(train_sft.py --attn-dropout 0) or use --attention sdpa")
+            y = flex(q, k, v, mask, **gqa)
+        elif mask is None:  # plain causal (no cache, or an empty one); or one new token after a
             # cache, which sees every cached key: no mask at all. Transformer.forward builds the
             # mask for the remaining case (several new tokens after cached ones) once per call.
             causal = True if cache is None else bool(T > 1)  # (a python bool under compile)
@@ -220,6 +227,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta),
                              persistent=False)
         self.register_buffer("rope_real", torch.view_as_real(self.rope).clone(), persistent=False)
+        self.attention = "sdpa"  # or "flex" (use_attention): the kernel for masked batches
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2 style: scale residual projections
             if name.endswith("proj.weight") or name.endswith("w2.weight"):
@@ -256,6 +264,8 @@ class Transformer(nn.Module):
         rot = table[pos].unsqueeze(1)  # (B, 1, T, D/2) complex, or (B, 1, T, D/2, 2) real
         if mask is not None and mask.dim() == 3:
             mask = mask.unsqueeze(1)  # broadcast over heads
+        if mask is not None and self.attention == "flex" and cache is None:
+            mask = block_mask(mask)  # once per call, shared by every layer
         if mask is None and cache is not None and 0 < cache.length and T > 1:
             # a chunk after cached tokens: every cached key, causal within the chunk; built once
             # here rather than in every layer
@@ -303,6 +313,61 @@ def attention_mask(doc_ids, branch_ids=None):
     eye = torch.eye(T, dtype=torch.bool, device=doc_ids.device)
     m = torch.where(pad[:, :, None], eye, m & ~pad[:, None, :])
     return m.unsqueeze(1)
+
+
+ATTENTION_KINDS = ("sdpa", "flex")
+
+
+def use_attention(model: nn.Module, kind: str) -> nn.Module:
+    """Select the kernel every Transformer inside `model` uses for masked batches (packing,
+    shared prefixes): "sdpa" hands SDPA the dense boolean mask (the default; every device);
+    "flex" turns that mask, once per forward, into a block mask for FlexAttention (PyTorch >= 2.5),
+    which skips every block of (query, key) tiles the mask hides entirely. Unmasked calls (plain
+    causal, decoding with a KV cache) use SDPA either way. Flex is for CUDA: on the CPU it runs
+    unfused (for tests), and it has no attention dropout."""
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"attention kind {kind!r}: expected one of {', '.join(ATTENTION_KINDS)}")
+    if kind == "flex" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        raise ValueError(f"flex attention needs PyTorch >= 2.5 (this is {torch.__version__})")
+    for m in model.modules():
+        if isinstance(m, Transformer):
+            m.attention = kind
+    return model
+
+
+def is_block_mask(mask) -> bool:
+    return mask is not None and not isinstance(mask, torch.Tensor)
+
+
+def block_mask(mask, block: int = 128):
+    """Dense boolean mask (B, 1, T, S) -> FlexAttention BlockMask of the same pattern. A tile of
+    block x block (query, key) pairs that the mask hides entirely is never computed; the rest
+    are computed with the dense mask as the mask_mod. For packed rows of several documents most
+    tiles above the block diagonal are hidden (as the causal ones are)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    B, _, T, S = mask.shape
+    dense = mask[:, 0]
+
+    def mask_mod(b, h, q, k):
+        return dense[b, q, k]
+    return create_block_mask(mask_mod, B, None, T, S, device=mask.device, BLOCK_SIZE=block,
+                             _compile=mask.is_cuda)
+
+
+_compiled_flex = None
+
+
+def flex(q, k, v, block_mask, **kw):
+    """FlexAttention. Outside torch.compile it is compiled on its own on CUDA (eager, it falls
+    back to an unfused reference that holds every score); on the CPU it runs eager."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+    fn = flex_attention
+    if q.is_cuda and not torch.compiler.is_compiling():
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention)
+        fn = _compiled_flex
+    return fn(q, k, v, block_mask=block_mask, **kw)
 
 
 # ----------------------------------------------------------------------------------------------

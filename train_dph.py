@@ -34,7 +34,7 @@ import plumbing
 from data import REJECTED, TaskSampler, collate_choices, draw_pairs, score_choices
 from losses import (CONTRAST_KINDS, decayed_parameters, dpo_loss, items_dph_loss, pair_index,
                     prior_regularization, reward_metrics, reward_penalty)
-from model import PreferenceHead
+from model import PreferenceHead, use_attention
 from plumbing import RunConfig, UsageError, inputs, opt
 from plumbing.frozen import StateCache, cached_pair_loss, cached_validation
 
@@ -162,6 +162,7 @@ def main(argv=None):
     if run.state is None:
         model.set_dropout(0.0)  # off in this stage (pooler dropout is the head's own)
         inputs.continue_head(model, cfg, argv)
+    use_attention(model, cfg.attention)  # before the reference copy below, which keeps it
     model.to(device).train()
     use_dpo = cfg.dpo_weight > 0 and not cfg.freeze_backbone
     if cfg.freeze_backbone:

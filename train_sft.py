@@ -21,7 +21,7 @@ from tqdm import tqdm
 import plumbing
 from data import PackedBatch, SFTStream
 from losses import decayed_parameters, prior_regularization, sft_loss
-from model import attention_mask, preset
+from model import attention_mask, preset, use_attention
 from plumbing import RunConfig, UsageError, inputs, opt
 from tasks import resolve_tasks
 from tasks.noise import apply_label_noise
@@ -127,6 +127,10 @@ def main(argv=None):
                          f"{model.cfg.max_seq_len}")
     fits(model.cfg, cfg, device)
     inputs.check_sft_fit(tok, train, cfg.seq_len)
+    if cfg.attention == "flex" and model.cfg.attn_dropout > 0:
+        raise UsageError(f"--attention flex has no attention dropout and this run's is "
+                         f"{model.cfg.attn_dropout}: add --attn-dropout 0 (or --attention sdpa)")
+    use_attention(model, cfg.attention)
     model.to(device).train()
     run.announce(model, f"vocabulary {len(tok)}; data ready in {time.time() - t0:.1f}s", "rows")
 

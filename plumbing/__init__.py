@@ -450,7 +450,8 @@ def debug_step_delay():
 # Flags that may differ from the run being resumed; any other flag given with --resume must equal
 # the stored value (it would change the run). Unset flags are inherited from the stored run.
 RESUME_MAY_CHANGE = {"out", "overwrite", "resume", "save_every", "eval_every", "eval_batches",
-                     "eval_pairs", "device", "dtype", "compile", "data_dir", "batch_size"}
+                     "eval_pairs", "device", "dtype", "compile", "attention", "data_dir",
+                     "batch_size"}
 
 
 def open_resume(cfg, argv=None):
@@ -746,6 +747,9 @@ class RunConfig:
     device: str = opt("auto", "auto | cpu | cuda | mps")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (autocast)")
     compile: bool = opt(False, "torch.compile the model")
+    attention: str = opt("sdpa", "kernel for masked batches: sdpa (dense mask) | flex "
+                                 "(FlexAttention, skips hidden blocks; CUDA, no attention dropout)",
+                         choices=["sdpa", "flex"])
     save_every: int = opt(100, "steps between resumable checkpoints in --out (0: at the end only)")
     resume: bool = opt(False, "continue the run in --out from its last checkpoint; unset flags "
                               "come from that run (starts at step 0 if there is none yet)")
@@ -774,6 +778,9 @@ def open_run(cls, description: str, validate, argv=None, added: dict = None) -> 
             cfg = dataclasses.replace(cfg, **{name: value})
     validate(cfg, argv)
     dist, device = init_distributed(cfg.device)
+    if cfg.attention == "flex" and torch.device(device).type != "cuda":
+        raise UsageError(f"--attention flex: FlexAttention trains on CUDA only (PyTorch has no "
+                         f"backward for it on {torch.device(device).type}); use --attention sdpa")
     seed_everything(cfg.seed)
     dtype = resolve_dtype(cfg.dtype, device)
     check_out(cfg.out, cfg.overwrite or cfg.resume)  # nothing is written before the input is

@@ -351,6 +351,11 @@ def runs(tok, tmp_path_factory):
                        "--top-p must be in (0, 1]", None),
         "n_huge": ("evaluate.py", gen + ["--generate", "Hi", "-n", "10000"], 2,
                    "-n/--n must be in [1, 1024]", None),
+        # flags: FlexAttention has no backward on the CPU
+        "flex_on_cpu_sft": ("train_sft.py", sft_args + ["--attention", "flex"], 2,
+                            "--attention flex: FlexAttention trains on CUDA only", None),
+        "flex_on_cpu_dph": ("train_dph.py", dph_args + ["--init", sft, "--attention", "flex"], 2,
+                            "--attention flex: FlexAttention trains on CUDA only", None),
         # 4. sizes
         "seq_len_huge": ("train_sft.py", [a if a != "256" else "1000000" for a in sft_args], 2,
                          "needs at least", None),
@@ -375,7 +380,7 @@ CASES = ["bogus_pooler_evaluate.py", "bogus_pooler_train_dph.py", "head_string_e
          "sft_as_dph", "dph_init_other_pooler", "dph_init_continues_head", "sft_init_drops_head",
          "answer_longer_than_context", "prompt_cut_note", "out_is_a_file_dph",
          "out_is_a_file_sft", "out_checked_first", "generate_long_prompt", "generate_empty",
-         "top_p_zero", "n_huge", "seq_len_huge"]
+         "top_p_zero", "n_huge", "flex_on_cpu_sft", "flex_on_cpu_dph", "seq_len_huge"]
 
 
 @pytest.mark.parametrize("case", CASES)

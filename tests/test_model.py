@@ -101,6 +101,91 @@ def test_shared_prefix_tree_matches_prompt_plus_branch(tiny, vocab):
 
 
 # ----------------------------------------------------------------------------------------------
+# FlexAttention (--attention flex): the same masks as block masks
+
+flex_available = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("torch.nn.attention.flex_attention") is None,
+    reason="FlexAttention needs PyTorch >= 2.5")
+
+
+def packed_tree_row(vocab):
+    """Two rows, T = 48: row 0 packs three documents and padding; row 1 is a shared-prefix tree
+    (prompt of 12, branches of 8, 9 and 7) plus padding. -> idx, pos, doc, branch."""
+    T = 48
+    idx = torch.stack([rand_ids(T, vocab, seed=60), rand_ids(T, vocab, seed=61)])
+    lens = [11, 17, 7]
+    doc0 = torch.cat([torch.full((n,), d) for d, n in enumerate(lens)] + [torch.full((13,), -1)])
+    pos0 = torch.cat([torch.arange(n) for n in lens] + [torch.zeros(13, dtype=torch.long)])
+    blens = [8, 9, 7]
+    doc1 = torch.cat([torch.zeros(36, dtype=torch.long), torch.full((12,), -1)])
+    br1 = torch.cat([torch.zeros(12, dtype=torch.long)]
+                    + [torch.full((n,), k + 1) for k, n in enumerate(blens)]
+                    + [torch.zeros(12, dtype=torch.long)])
+    pos1 = torch.cat([torch.arange(12)] + [torch.arange(12, 12 + n) for n in blens]
+                     + [torch.zeros(12, dtype=torch.long)])
+    return idx, torch.stack([pos0, pos1]), torch.stack([doc0, doc1]), \
+        torch.stack([torch.zeros(T, dtype=torch.long), br1])
+
+
+@flex_available
+@pytest.mark.parametrize("kv_heads", [None, 1])  # plain multi-head and grouped-query attention
+def test_flex_attention_matches_sdpa(make_model, vocab, kv_heads):
+    """Packed documents and a shared-prefix tree (with padding), through FlexAttention with a
+    block mask (tiles of 16, so that some are skipped and some partly masked) and through SDPA
+    with the dense mask: the same hidden states, rewards and gradients."""
+    from model import block_mask, use_attention
+    idx, pos, doc, br = packed_tree_row(vocab)
+    mask = attention_mask(doc, br)
+    bm = block_mask(mask, block=16)
+    # the tiles computed are exactly those the mask shows anything of: fewer than causal's 2 x 6
+    tiles = mask[:, 0].unflatten(1, (3, 16)).unflatten(3, (3, 16)).any(dim=(2, 4))
+    computed = int(bm.kv_num_blocks.sum()) + int(bm.full_kv_num_blocks.sum())
+    assert computed == int(tiles.sum()) < 2 * 6
+    # PyTorch has no FlexAttention backward on the CPU: gradients are compared on CUDA only
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    grad = device == "cuda"
+    outs = {}
+    for kind in ("sdpa", "flex"):
+        m = make_model(seed=3, n_kv_heads=kv_heads).to(device)
+        use_attention(m, kind)
+        with torch.set_grad_enabled(grad):
+            h = m(idx.to(device), pos.to(device), mask.to(device)).hidden
+            r = m.reward(h, torch.tensor([[0, 10], [1, 19], [1, 28]], device=device))
+        if grad:
+            (h.square().mean() + r.sum()).backward()
+        outs[kind] = h.detach().cpu(), r.detach().cpu(), {
+            n: p.grad.cpu() for n, p in m.named_parameters() if p.grad is not None}
+    (hs, rs, gs), (hf, rf, gf) = outs["sdpa"], outs["flex"]
+    assert (hs - hf).abs().max() <= 1e-5 * max(1.0, hs.abs().max().item())
+    assert (rs - rf).abs().max() <= 1e-4 * rs.abs().max()
+    # the test can fail: without the branch ids branch 2 of row 1 sees branch 1
+    leaky = make_model(seed=3, n_kv_heads=kv_heads).eval()
+    use_attention(leaky, "flex")
+    with torch.no_grad():
+        hl = leaky(idx, pos, attention_mask(doc)).hidden
+    assert (hl[1] - hs[1]).abs().max() > 1e-4 * hs.abs().max()
+    assert gs.keys() == gf.keys() and (len(gs) > 10 or not grad)
+    for n in gs:
+        scale = gs[n].abs().max().item()
+        assert (gs[n] - gf[n]).abs().max().item() <= 1e-3 * scale + 1e-8, n
+
+
+@flex_available
+def test_flex_attention_refuses_dropout_and_unknown_kinds(make_model, vocab):
+    from model import use_attention
+    idx, pos, doc, br = packed_tree_row(vocab)
+    m = make_model(attn_dropout=0.1).train()
+    use_attention(m, "flex")
+    with pytest.raises(ValueError, match="no attention dropout"), torch.no_grad():
+        m(idx, pos, attention_mask(doc, br))
+    m.eval()  # no dropout at evaluation: allowed
+    with torch.no_grad():
+        assert torch.isfinite(m(idx, pos, attention_mask(doc, br)).hidden).all()
+    with pytest.raises(ValueError, match="attention kind 'xformers'"):
+        use_attention(m, "xformers")
+
+
+# ----------------------------------------------------------------------------------------------
 # KV cache
 
 

@@ -57,6 +57,7 @@ if _WAIT in ("passive", "active"):
     os.environ.setdefault("OMP_WAIT_POLICY", _WAIT.upper())
 
 import argparse
+import importlib.util
 import json
 import platform
 import random
@@ -72,7 +73,7 @@ from data import (ChoiceItem, PackedBatch, SFTStream, TaskSampler, collate_choic
                   collate_packed, score_choices)
 from inference.generate import generate
 from losses import dph_loss, dpo_loss, sft_loss
-from model import PRESETS, DPHModel, attention_mask, preset
+from model import PRESETS, DPHModel, attention_mask, preset, use_attention
 from tokenizer.chat import ChatTokenizer, training_text
 from tokenizer.chatml import IGNORE, sft_document
 
@@ -87,6 +88,13 @@ SFT_MODES = {  # name -> what it is
     "packed_causal": "packed, plain causal (no masks)",
     "padded": "padded, one conversation per row",
 }
+# on CUDA, also the same packed batches through FlexAttention with a block mask (--attention flex)
+FLEX_MODE = {"packed_flex": "packed, document masks, FlexAttention"}
+
+
+def sft_modes(device) -> dict:
+    flex = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    return {**SFT_MODES, **(FLEX_MODE if device.type == "cuda" and flex else {})}
 TARGETS = {  # name -> (op, threshold)
     "packing efficiency": (">=", 0.95),
     "eval shared/padded": (">=", 3.0),
@@ -443,6 +451,7 @@ def make_optimizer(model, device):
 
 def sft_workload(name, mode, batches, args, device, dtype):
     model = build_model(name, args, device).train()
+    use_attention(model, "flex" if mode == "packed_flex" else "sdpa")
     fwd = maybe_compile(model, args)
     opt = make_optimizer(model, device)
     batches = [PackedBatch(*(t.to(device) for t in (b.idx, b.targets, b.pos, b.doc)), b.tokens)
@@ -452,7 +461,7 @@ def sft_workload(name, mode, batches, args, device, dtype):
     def fn():
         b = batches[state["i"] % len(batches)]
         state["i"] += 1
-        if mode == "packed_masked":  # what train_sft.step_loss does
+        if mode in ("packed_masked", "packed_flex"):  # what train_sft.step_loss does
             pos, mask = b.pos, attention_mask(b.doc)
         else:  # plain causal: is_causal SDPA, positions 0..T-1
             pos, mask = None, None
@@ -704,7 +713,7 @@ def flops_per_token(cfg, n_non_embedding, ctx):
 
 def run_sft(name, data, peak, args, device, dtype, sync) -> dict:
     variants, models = {}, {}
-    for mode in SFT_MODES:
+    for mode in sft_modes(device):
         spec = {"kind": "sft", "preset": name, "mode": mode}
         models[mode], variants[mode] = workload(spec, data, args, device, dtype)
     variants["matmul_peak"] = matmul_fn(peak["size"], device, dtype)
@@ -716,7 +725,7 @@ def run_sft(name, data, peak, args, device, dtype, sync) -> dict:
     res = {"params": lm.num_params(), "non_embedding_params": n_ne,
            "layers": cfg.n_layers, "d_model": cfg.d_model, "vocab": cfg.vocab_size,
            "interleaved_peak": rate_summary(pk, "gflops", 1), "modes": {}}
-    for mode, what in SFT_MODES.items():
+    for mode, what in sft_modes(device).items():
         batches = data["padded"] if mode == "padded" else data["packed"]
         T = int(batches[0].idx.shape[1])
         tokens = sum(b.tokens for b in batches)
@@ -737,6 +746,9 @@ def run_sft(name, data, peak, args, device, dtype, sync) -> dict:
     res["mask_cost_rounds_range"] = [round(1 - sp["rounds_range"][1], 4),
                                      round(1 - sp["rounds_range"][0], 4)]
     res["packed_vs_padded"] = speedup(s["packed_masked"], s["padded"])
+    if "packed_flex" in s:  # > 1: the block mask beats the dense one; vs causal: its mask cost
+        res["flex_vs_dense_mask"] = speedup(s["packed_flex"], s["packed_masked"])
+        res["flex_vs_causal"] = speedup(s["packed_flex"], s["packed_causal"])
     peak["best"] = max(peak["best"], best(pk))
     return res
 
@@ -966,6 +978,10 @@ def fmt_table(R) -> str:
                      f"{r['non_embedding_params'] / 1e6:.2f}M "
                      f"non-embedding params; interleaved matmul "
                      f"{r['interleaved_peak']['gflops']:.0f} GFLOP/s")
+            if "flex_vs_dense_mask" in r:
+                L.append(f"{'':4s}{name}: FlexAttention block mask / dense mask "
+                         f"{r['flex_vs_dense_mask']['median']:.2f}×, / plain causal "
+                         f"{r['flex_vs_causal']['median']:.2f}×")
     if "packing" in R:
         for which, r in R["packing"].items():
             L.append(f"packing efficiency ({which}): " + (
@@ -1084,7 +1100,7 @@ def main(argv=None):
             R["sft"][name] = run_sft(name, data, R["peak"], args, device, dtype, sync)
             log(f"sft {name}: " + ", ".join(f"{k} {m['tokens_per_s']:.0f} tok/s"
                                             for k, m in R["sft"][name]["modes"].items()))
-            specs += [{"kind": "sft", "preset": name, "mode": m} for m in SFT_MODES]
+            specs += [{"kind": "sft", "preset": name, "mode": m} for m in sft_modes(device)]
         R["peak"]["gflops"] = R["peak"]["best"]
         finish_mfu(R["sft"], R["peak"]["gflops"])
     cp = args.choice_preset
