@@ -7,6 +7,7 @@ candidates in the shared-prefix layout, and the forward pass that reads rewards 
     SFTStream                  endless packed SFT batches of k-shot conversations
     make_pairs, draw_pairs     DPH pairs: chosen = the gold answer, rejected = every wrong
                                candidate (beyond the paper) or one drawn uniformly (the paper)
+    balance_labels             a fixed-answer task's gold answers made equally frequent (ours)
     ChoiceBatch, collate_choices  the answers of many items in one batch: each prompt once with its
                                answers as branches (the shared-prefix layout), trees packed several
                                to a row; `pool` is where each answer's reward is read
@@ -221,6 +222,29 @@ def draw_pairs(sampler: TaskSampler, tok, n: int, rng: random.Random, max_len: i
                             f"raise --max-len")
         items += new
     return items
+
+
+def balance_labels(examples: list, seed: int) -> list:
+    """A task whose every example offers the same candidate answers (yes/no, a label set) with
+    each gold answer equally frequent: rarer answers' examples are repeated, in a seeded shuffled
+    cycle, up to the count of the most frequent one. Other tasks are returned as they are.
+    Beyond the paper: with yes/no answers shared by several tasks, a 2:1 task rewards a head
+    that prefers "yes" whatever the prompt says, the first thing it can learn (README)."""
+    if not examples or not all(isinstance(ex, ChoiceExample) for ex in examples):
+        return examples
+    answers = sorted(examples[0].candidates)
+    if len(answers) < 2 or any(sorted(ex.candidates) != answers for ex in examples):
+        return examples
+    groups: dict = {}
+    for ex in examples:
+        groups.setdefault(ex.candidates[ex.label], []).append(ex)
+    most = max(len(g) for g in groups.values())
+    rng, out = random.Random(seed), list(examples)
+    for gold in sorted(groups):
+        cycle = list(groups[gold])
+        rng.shuffle(cycle)
+        out += [cycle[i % len(cycle)] for i in range(most - len(cycle))]
+    return out
 
 
 def make_pairs(tok, examples: list, rng: random.Random, max_len: int,

@@ -5,14 +5,15 @@ Loads an SFT checkpoint, adds the preference head (pooler + w, no bias; w starts
 (prompt, chosen, rejected) pairs: choice tasks give chosen = the gold answer and rejected = every
 wrong candidate (--rejected all, the default; beyond the paper, and cheap in the shared-prefix
 layout), or one wrong candidate drawn uniformly afresh at each visit (--rejected one, the paper);
-preference data is used as given; synth/instruct pairs its exact answer with near misses. The
-head's loss is the separable or the contrastive DPH objective with label smoothing ε; with
-several wrong candidates the contrastive loss is one softmax over the item's candidates
-(--contrast softmax, the default, beyond the paper; losses.listwise_dph_loss, equal to the
-paper's loss for one wrong candidate) or one pair per wrong candidate (--contrast pairs); cDPO
-always takes one pair per wrong candidate. Jointly (as in the paper's alignment stage) the LM is
-trained with conservative DPO against a frozen copy of the SFT model: the alignment loss is
-w_dph·L_DPH + w_dpo·L_cDPO
+preference data is used as given; synth/instruct pairs its exact answer with near misses
+(--balance-labels, ours and off by default, makes a yes/no task's gold answers equally
+frequent). The head's loss is the separable or the contrastive DPH objective with label
+smoothing ε; with several wrong candidates the contrastive loss is one softmax over the item's
+candidates (--contrast softmax, the default, beyond the paper; losses.listwise_dph_loss, equal to
+the paper's loss for one wrong candidate) or one pair per wrong candidate (--contrast pairs);
+cDPO always takes one pair per wrong candidate. Jointly (as in the paper's alignment stage) the
+LM is trained with conservative DPO against a frozen copy of the SFT model: the alignment loss
+is w_dph·L_DPH + w_dpo·L_cDPO
 (--dph-weight, --dpo-weight; 0 disables cDPO and skips the reference model). The backbone is
 pulled toward its SFT weights (prior regularisation); the head decays toward zero.
 
@@ -67,6 +68,8 @@ class DPHConfig(RunConfig):
     head_init: str = opt("zero", "a fresh head's w: zero (every reward 0 at step 0, so the head's "
                                  "first gradients into the backbone are 0; ours) or normal(0, 0.02)",
                          ["zero", "normal"])
+    balance_labels: bool = opt(False, "repeat the rarer gold answers of a fixed-answer task "
+                                      "(yes/no) until all are equally frequent (ours)")
     layout: str = opt("shared", "shared: prompt once, answers as branches; padded: a row each",
                       ["shared", "padded"])
     batch_size: int = opt(16, "pairs per micro-batch")

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from data import make_pairs
+from data import balance_labels, make_pairs
 from model import DPHModel, padded_vocab, preset
 from plumbing import (UsageError, broadcast_object, check_fit, check_items_fit, explicit_flags,
                       load_init, load_split, trained_only)
@@ -133,6 +133,8 @@ def dph_data(cfg, model, tok, init_config: dict, device):
         raise UsageError(f"--tasks {tasks}: no choice or preference task to make pairs from")
     if cfg.label_noise:
         train = {k: apply_label_noise(v, cfg.label_noise, cfg.seed) for k, v in train.items()}
+    if getattr(cfg, "balance_labels", False):  # on the labels the head will see, noisy or not
+        train = {k: balance_labels(v, cfg.seed) for k, v in train.items()}
     # pairs whose answers cannot fit in max_len (after cutting the prompt from the left) are
     # skipped; too many skipped means --max-len is too small. A micro-batch must fit in memory.
     probes = {n: make_pairs(tok, exs[:256], random.Random(0), max_len) for n, exs in train.items()}

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tokenizer.chat import ChatTokenizer  # noqa: E402
-from data import SFTStream, best_fit, collate_choices, collate_packed, make_pairs, score_choices
+from data import (SFTStream, balance_labels, best_fit, collate_choices, collate_packed, make_pairs,
+                  score_choices)
 from evaluate import eval_items
 from tasks.noise import apply_label_noise
 from tokenizer.chatml import (IGNORE, Doc, answer_branch, render, render_prompt, sft_document,
@@ -381,6 +382,27 @@ def test_label_noise_flips_exactly(tok):
     assert apply_label_noise(exs, 0.3, seed=1) == apply_label_noise(exs, 0.3, seed=1)
     with pytest.raises(ValueError):
         apply_label_noise(exs, 1.5, seed=0)
+
+
+def test_balance_labels_repeats_the_rarer_gold_answers():
+    msgs = [SYS, user("is it?")]
+    # 7 "yes", 3 "no", candidates listed in either order
+    yn = [ChoiceExample("t", [SYS, user(f"q{i}")], ["yes", "no"] if i % 2 else ["no", "yes"],
+                        (1 - i % 2) if i < 7 else (i % 2)) for i in range(10)]
+    gold = Counter(ex.candidates[ex.label] for ex in yn)
+    assert gold == {"yes": 7, "no": 3}
+    out = balance_labels(yn, seed=3)
+    assert out[:10] == yn  # the originals, each once, then the repeats
+    assert Counter(ex.candidates[ex.label] for ex in out) == {"yes": 7, "no": 7}
+    extra = Counter(id(ex) for ex in out[10:])
+    assert all(ex.candidates[ex.label] == "no" for ex in out[10:])
+    assert sorted(extra.values()) == [1, 1, 2]  # 4 repeats of 3 examples: a cycle, not a draw
+    assert [id(e) for e in balance_labels(yn, seed=3)] == [id(e) for e in out]
+    # per-item candidates (race, continuation), mixed kinds, balanced or one-answer tasks: unchanged
+    per_item = [ChoiceExample("r", msgs, [f"a{i}", f"b{i}"], 0) for i in range(5)]
+    mixed = yn[:3] + [PreferenceExample("p", msgs, "good", "bad")]
+    for exs in (per_item, mixed, yn[4:], yn[:6], []):  # yn[4:]: 3 and 3; yn[:6]: all "yes"
+        assert balance_labels(exs, seed=0) == exs
 
 
 # ----------------------------------------------------------------------------------------------

@@ -173,3 +173,19 @@ def test_sft_init_keeps_the_checkpoints_dropout_unless_a_flag_is_given(make_mode
         assert (model.cfg.dropout, model.cfg.attn_dropout) == want, argv
         assert {a.dropout for a in model.modules() if isinstance(a, Attention)} == {want[1]}
         assert {d.p for d in model.lm.modules() if isinstance(d, torch.nn.Dropout)} == {want[0]}
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_balance_labels_reaches_the_training_examples(tok, make_model, balance):
+    """--balance-labels: the DPH stage's training examples of a 2:1 yes/no task (the suite's
+    acceptability) hold each gold answer equally often; without it, as the task gives them."""
+    from collections import Counter
+    from plumbing.inputs import dph_data
+    cfg = DPHConfig(tasks="synth/acceptability", max_examples=300, balance_labels=balance,
+                    eval_pairs=8)
+    train = dph_data(cfg, make_model(), tok, {}, torch.device("cpu"))[1]["synth/acceptability"]
+    gold = Counter(ex.candidates[ex.label] for ex in train)
+    if balance:
+        assert gold["yes"] == gold["no"] > 150 and len(train) == 2 * gold["yes"]
+    else:
+        assert len(train) == 300 and gold["yes"] > 1.5 * gold["no"]
