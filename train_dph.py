@@ -72,8 +72,8 @@ class DPHConfig(RunConfig):
                                       "(yes/no) until all are equally frequent (ours)")
     layout: str = opt("shared", "shared: prompt once, answers as branches; padded: a row each",
                       ["shared", "padded"])
-    batch_size: int = opt(16, "pairs per micro-batch")
-    max_steps: int = opt(550, "optimiser steps")
+    batch_size: int = opt(12, "pairs per micro-batch")
+    max_steps: int = opt(1000, "optimiser steps")
     lr: float = opt(5e-4, "peak learning rate of the backbone")
     head_lr: float = opt(3e-3, "peak learning rate of the head and pooler")
     warmup_steps: int = opt(15, "linear warmup steps")
