@@ -128,6 +128,8 @@ def packed_tree_row(vocab):
 
 
 @flex_available
+# on the CPU model.flex() runs eagerly, as intended (PyTorch warns that it is unfused)
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("kv_heads", [None, 1])  # plain multi-head and grouped-query attention
 def test_flex_attention_matches_sdpa(make_model, vocab, kv_heads):
     """Packed documents and a shared-prefix tree (with padding), through FlexAttention with a
