@@ -228,8 +228,9 @@ def balance_labels(examples: list, seed: int) -> list:
     """A task whose every example offers the same candidate answers (yes/no, a label set) with
     each gold answer equally frequent: rarer answers' examples are repeated, in a seeded shuffled
     cycle, up to the count of the most frequent one. Other tasks are returned as they are.
-    Beyond the paper: with yes/no answers shared by several tasks, a 2:1 task rewards a head
-    that prefers "yes" whatever the prompt says, the first thing it can learn (README)."""
+    Beyond the paper (train_dph.py --balance-labels, off by default): with yes/no answers shared
+    by several tasks, a 2:1 task rewards a head that prefers "yes" whatever the prompt says.
+    Measured, it did not make the head better than the LM readout (docs/levers.md)."""
     if not examples or not all(isinstance(ex, ChoiceExample) for ex in examples):
         return examples
     answers = sorted(examples[0].candidates)
