@@ -405,11 +405,16 @@ class PreferenceHead(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, h):
-        """h (..., C) -> rewards (...)."""
-        h = self.dropout(h)
-        if self.pooler is not None:
-            h = torch.tanh(self.pooler(h))
-        return self.score(h).squeeze(-1)
+        """h (..., C) -> rewards (...), in the head's own dtype (float32) whatever autocast is
+        on. Under bfloat16 autocast a reward rounded to bfloat16 keeps 8 significant bits: close
+        candidates tie, and argmax then picks the first (on a GPU the head tied that way on most
+        items of three families). The head is a few matmuls on one state per answer: float32
+        costs nothing."""
+        with torch.autocast(h.device.type, enabled=False):
+            h = self.dropout(h.to(self.score.weight.dtype))
+            if self.pooler is not None:
+                h = torch.tanh(self.pooler(h))
+            return self.score(h).squeeze(-1)
 
     def reward(self, hidden, index):
         """Read rewards at explicitly given positions (never inferred from padding).

@@ -585,6 +585,24 @@ def test_preference_head_poolers(pooler):
     assert torch.allclose(r, expect, atol=1e-6)
 
 
+@pytest.mark.parametrize("pooler", ["identity", "affine", "swiglu"])
+def test_preference_head_runs_in_float32_under_bf16_autocast(pooler):
+    """Under bfloat16 autocast (the GPU default) the head still computes in float32: rewards
+    rounded to bfloat16 tie between close candidates, and argmax then picks the first one."""
+    torch.manual_seed(0)
+    head = PreferenceHead(64, pooler, ffn_dim=128)
+    h = torch.randn(64) + 1e-3 * torch.randn(40, 64)  # 40 candidates' states, close together
+    with torch.no_grad():
+        plain = head(h.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            r = head(h)
+    assert r.dtype == torch.float32
+    torch.testing.assert_close(r, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+    assert len(set(r.tolist())) == 40
+    with torch.no_grad():  # the same head computed in bfloat16 ties most of them
+        assert len(set(head.to(torch.bfloat16)(h.to(torch.bfloat16)).tolist())) < 20
+
+
 def test_unknown_pooler_and_default_head_width():
     with pytest.raises(ValueError, match="unknown pooler"):
         PreferenceHead(16, "mlp")
