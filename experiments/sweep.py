@@ -11,8 +11,9 @@ between the rows (the paper's claim is DPH > DPO > SFT).
     python experiments/sweep.py --name separable --reuse-sft out/sweep/default/seed{seed}/sft \\
         --dph "--loss separable"                               # an ablation on the same SFT runs
 
-Each run lives in OUT/NAME/seed<s>/{sft,dph,eval}; a stage whose output is complete is not run
-again (delete the folder to redo it), so an interrupted sweep continues where it stopped.
+Each run lives in OUT/NAME/seed<s>/{sft,dph,eval}; a stage whose output is complete (a training
+stage's checkpoint at its last step, not one of the resumable ones written along the way) is not
+run again (delete the folder to redo it), so an interrupted sweep continues where it stopped.
 `--bestofn K` also runs evaluate.py's inference-time alignment measurement on K synth/instruct
 test prompts per seed (in seed<s>/bestofn-KxN, N samples each). The summary goes to OUT/NAME/summary.json.
 """
@@ -46,20 +47,36 @@ def stage(cmd: list, log: str, threads: int) -> float:
     return time.time() - t
 
 
+def finished(path: str, stage: str) -> bool:
+    """Whether `path` holds the FINAL checkpoint of a training stage. Every --save-every steps
+    a run writes a complete, resumable checkpoint (config.json included), so an interrupted run
+    leaves one behind; its config.json records the steps done, which must reach max_steps."""
+    cfg = os.path.join(path, "config.json")
+    if not os.path.exists(cfg):
+        return False
+    with open(cfg) as f:
+        s = json.load(f).get(stage, {})
+    return s.get("steps", s.get("max_steps")) == s.get("max_steps")
+
+
 def run_seed(seed: int, a, threads: int) -> dict:
     d = os.path.join(a.out, a.name, f"seed{seed}")
     os.makedirs(d, exist_ok=True)
     sft = a.reuse_sft.format(seed=seed) if a.reuse_sft else os.path.join(d, "sft")
     dph, ev = os.path.join(d, "dph"), os.path.join(d, "eval")
     times = {}
-    if not a.reuse_sft and not os.path.exists(os.path.join(sft, "config.json")):
+    if a.reuse_sft and not finished(sft, "sft"):
+        raise RuntimeError(f"--reuse-sft {sft}: not a finished SFT run (no config.json, or "
+                           f"stopped before its last step)")
+    if not a.reuse_sft and not finished(sft, "sft"):
         times["sft"] = stage(["train_sft.py", "--seed", str(seed), "--out", sft, "--overwrite"]
                              + shlex.split(a.sft), os.path.join(d, "sft.log"), threads)
-    if not os.path.exists(os.path.join(dph, "config.json")):
+    # a stage run again invalidates what was computed from its old output
+    if "sft" in times or not finished(dph, "dph"):
         times["dph"] = stage(["train_dph.py", "--init", sft, "--seed", str(seed), "--out", dph,
                               "--overwrite"] + shlex.split(a.dph), os.path.join(d, "dph.log"),
                              threads)
-    if not os.path.exists(os.path.join(ev, "results.json")):
+    if "dph" in times or not os.path.exists(os.path.join(ev, "results.json")):
         times["eval"] = stage(["evaluate.py", "--sft", sft, "--dph", dph, "--out", ev]
                               + shlex.split(a.eval), os.path.join(d, "eval.log"), threads)
     res = json.load(open(os.path.join(ev, "results.json")))
@@ -67,7 +84,7 @@ def run_seed(seed: int, a, threads: int) -> dict:
            "head_vs_lm": head_vs_lm(os.path.join(ev, "predictions.jsonl"))}
     if a.bestofn:
         bo = os.path.join(d, f"bestofn-{a.bestofn}x{a.n}", "generate.json")  # one per size
-        if not os.path.exists(bo):
+        if "dph" in times or not os.path.exists(bo):
             times["bestofn"] = stage(["evaluate.py", "--dph", dph, "--sft", "",
                                       "--generate-from", "synth/instruct", "-n", str(a.n),
                                       "--max-examples", str(a.bestofn), "--seed", str(seed),

@@ -69,3 +69,51 @@ def test_head_vs_lm_centres_within_items(tmp_path):
     # centred: item 1 gives (1,-1,0)·(1,-1,0) = 2, item 2 (-.5,.5)·(.5,-.5) = -0.5;
     # norms sqrt(2.5) each: 1.5 / 2.5
     assert r["correlation"] == pytest.approx(0.6)
+
+
+def _write_config(path, stage, steps, max_steps):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({stage: {"steps": steps, "max_steps": max_steps}}))
+
+
+def test_a_checkpoint_left_by_an_interrupted_stage_is_not_taken_for_a_finished_one(
+        tmp_path, monkeypatch):
+    """Every --save-every steps a stage writes a complete checkpoint, config.json included: an
+    SFT stopped at step 100 of 300 must be trained again, and so must everything after it."""
+    import types
+    ran = []
+
+    def fake_stage(cmd, log, threads):
+        ran.append(cmd[0])
+        out = cmd[cmd.index("--out") + 1]
+        if cmd[0] == "train_sft.py":
+            _write_config(tmp_path / out, "sft", 300, 300)
+        elif cmd[0] == "train_dph.py":
+            _write_config(tmp_path / out, "dph", 1000, 1000)
+        else:
+            (tmp_path / out).mkdir(parents=True, exist_ok=True)
+            (tmp_path / out / "results.json").write_text(json.dumps({"table": {}}))
+            (tmp_path / out / "predictions.jsonl").write_text("")
+        return 0.0
+
+    monkeypatch.setattr(sweep, "stage", fake_stage)
+    monkeypatch.chdir(tmp_path)
+    a = types.SimpleNamespace(out="runs", name="x", reuse_sft="", sft="", dph="", eval="",
+                              bestofn=0, n=8)
+    seed0 = tmp_path / "runs" / "x" / "seed0"
+    _write_config(seed0 / "sft", "sft", 100, 300)  # interrupted after its step-100 save
+    _write_config(seed0 / "dph", "dph", 1000, 1000)  # finished, but from the partial SFT
+    sweep.run_seed(0, a, 1)
+    assert ran == ["train_sft.py", "train_dph.py", "evaluate.py"]
+    ran.clear()
+    sweep.run_seed(0, a, 1)  # everything finished now: nothing runs again
+    assert ran == []
+    _write_config(seed0 / "dph", "dph", 400, 1000)  # an interrupted DPH stage alone
+    sweep.run_seed(0, a, 1)
+    assert ran == ["train_dph.py", "evaluate.py"]
+    assert sweep.finished(str(seed0 / "sft"), "sft") and not sweep.finished(str(tmp_path), "sft")
+    # a reused SFT checkpoint must be a finished one
+    _write_config(tmp_path / "partial", "sft", 200, 300)
+    a.reuse_sft, a.name = str(tmp_path / "partial"), "y"
+    with pytest.raises(RuntimeError, match="not a finished SFT run"):
+        sweep.run_seed(0, a, 1)
