@@ -41,7 +41,7 @@ class SFTConfig(RunConfig):
                              "default: train a byte-level BPE on the training text")
     vocab_size: int = opt(8192, "vocabulary size of a newly trained BPE")
     seq_len: int = opt(256, "tokens per packed row")
-    batch_size: int = opt(16, "rows per micro-batch")
+    batch_size: int = opt(12, "rows per micro-batch")
     max_steps: int = opt(300, "optimiser steps")
     lr: float = opt(2e-3, "peak learning rate")
     warmup_steps: int = opt(20, "linear warmup steps")
