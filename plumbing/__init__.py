@@ -59,10 +59,12 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _one_line_error(msg: str, status: int):
+def _one_line_error(msg: str, status: int, leave: bool = True):
     if is_main_process():  # every rank sees the same input and fails alike: say it once
         print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
-    sys.exit(status)
+    if leave:
+        sys.exit(status)
+    return status
 
 
 class Parser(argparse.ArgumentParser):
@@ -189,26 +191,55 @@ def tune_malloc() -> str:
 def run_main(main):
     """Run a script's main(). User-facing errors become one line on stderr: bad flags or input
     (and unreadable paths) exit with status 2, a diverged run (FloatingPointError) with 3. Any
-    other exception is a bug and keeps its traceback. A torchrun process group is torn down."""
-    from tasks import TaskError
+    other exception is a bug and keeps its traceback. Under torchrun the process group is torn
+    down and the process leaves at once, with main()'s status (the comment below says why)."""
     if os.environ.get("DPH_MALLOC", "tuned") != "default":
         tune_malloc()
+    try:
+        status = _main_status(main)
+    except BaseException:  # a bug: its traceback, then the process group's teardown below
+        if not _process_group_up():
+            raise
+        import traceback
+        traceback.print_exc()
+        status = 1
+    if _process_group_up():
+        torch.distributed.destroy_process_group()
+        # Leave without the interpreter's shutdown. Once DDP has used a gloo process group,
+        # PyTorch (2.13 at least) keeps it alive after destroy_process_group, and one of its
+        # worker threads may free a finished collective's tensors while Python shuts down:
+        # that aborts the process (SIGABRT, "terminate called without an active exception")
+        # after the run has saved everything, in a few short runs of a hundred on 2 CPU cores.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
+def _process_group_up() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _main_status(main) -> int:
+    """main()'s exit status; user-facing errors as one line on stderr and their status."""
+    from tasks import TaskError
     try:
         status = main()
     except (UsageError, TaskError, CheckpointError, FileNotFoundError, PermissionError,
             IsADirectoryError, NotADirectoryError) as e:
         msg = f"{e.filename}: {e.strerror or 'not found'}" \
             if isinstance(e, OSError) and e.filename and e.strerror else str(e)
-        _one_line_error(msg, EXIT_USAGE)
+        status = _one_line_error(msg, EXIT_USAGE, leave=False)
     except FloatingPointError as e:
-        _one_line_error(str(e), EXIT_DIVERGED)
+        status = _one_line_error(str(e), EXIT_DIVERGED, leave=False)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    sys.exit(status)
+        status = 130
+    except SystemExit as e:  # e.g. argparse's --help, or a usage error (Parser.error)
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    return 0 if status is None else status
 
 
 # ----------------------------------------------------------------------------------------------

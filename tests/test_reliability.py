@@ -499,6 +499,53 @@ def test_torchrun_two_ranks_match_one_process(zygote, script, sft_ckpt, tmp_path
     assert max_diff(weights(two), weights(one)) < 1e-5
 
 
+_RUN_MAIN_UNDER_A_PROCESS_GROUP = """
+import os, sys, torch
+import plumbing
+torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2],
+                                     rank=0, world_size=1)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))  # what keeps the group
+model(torch.ones(1, 2)).sum().backward()
+out = [None]
+torch.distributed.all_gather_object(out, {"rank": 0})  # a collective on Python tensors
+
+def main():
+    what = sys.argv[1]
+    if what == "usage":
+        raise plumbing.UsageError("--flag: bad value")
+    if what == "bug":
+        raise RuntimeError("a bug")
+    print("main ran", flush=False)  # still printed: run_main flushes before it leaves
+    return 0
+
+plumbing.run_main(main)
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available()
+                    or not torch.distributed.is_gloo_available(), reason="no gloo backend")
+@pytest.mark.parametrize("what, status", [("ok", 0), ("usage", 2), ("bug", 1)])
+def test_run_main_under_a_process_group_keeps_the_exit_status(what, status, tmp_path):
+    """Under torchrun, run_main tears the process group down and leaves without the
+    interpreter's shutdown (a gloo worker thread can abort it there, see run_main). What the
+    run printed and its exit status must survive that: 0, 2 with the one-line error, 1 with
+    the traceback."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}  # stdout: a buffered pipe
+    r = run([sys.executable, "-c", _RUN_MAIN_UNDER_A_PROCESS_GROUP, what, str(port)],
+            env={**env, "PYTHONPATH": ROOT}, timeout=120)
+    assert r.returncode == status, r.stderr
+    if what == "ok":
+        assert r.stdout.strip().endswith("main ran")
+    elif what == "usage":
+        assert error_line(r.stderr) == "error: --flag: bad value"
+    else:
+        assert "Traceback" in r.stderr and "RuntimeError: a bug" in r.stderr
+
+
 @pytest.mark.parametrize("env, tuned", [(None, True), ("tuned", True), ("default", False)])
 def test_scripts_tune_the_allocator_unless_told_not_to(monkeypatch, env, tuned):
     """run_main (every script's entry point) keeps freed memory in the heap (glibc mallopt), so
