@@ -500,7 +500,7 @@ def test_torchrun_two_ranks_match_one_process(zygote, script, sft_ckpt, tmp_path
 
 
 _RUN_MAIN_UNDER_A_PROCESS_GROUP = """
-import os, sys, torch
+import sys, torch
 import plumbing
 torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2],
                                      rank=0, world_size=1)
@@ -525,7 +525,7 @@ plumbing.run_main(main)
 @pytest.mark.skipif(not torch.distributed.is_available()
                     or not torch.distributed.is_gloo_available(), reason="no gloo backend")
 @pytest.mark.parametrize("what, status", [("ok", 0), ("usage", 2), ("bug", 1)])
-def test_run_main_under_a_process_group_keeps_the_exit_status(what, status, tmp_path):
+def test_run_main_under_a_process_group_keeps_the_exit_status(what, status):
     """Under torchrun, run_main tears the process group down and leaves without the
     interpreter's shutdown (a gloo worker thread can abort it there, see run_main). What the
     run printed and its exit status must survive that: 0, 2 with the one-line error, 1 with
